@@ -1,0 +1,46 @@
+# Every target creates (or reuses) .venv and installs what it needs, so each works from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch and torchvision are released in pairs: keep them pinned together.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+# The stamp records what was installed, so a changed pin or pyproject reinstalls.
+STAMP := $(VENV)/.resfast-installed
+
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+
+.PHONY: venv test train bench gpu-check lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PIP) install --quiet $(TORCH_PIN) ninja setuptools wheel
+	$(PIP) install --quiet --no-build-isolation -e ".[dev,train]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The whole suite on CPU; Triton kernels run under the interpreter.
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+train: $(STAMP)
+	$(PY) -m resfast.train $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py $(ARGS)
+
+# On a GPU machine (torch already installed there): build, GPU tests, benchmarks; results under $$OUT.
+gpu-check:
+	OUT=$${OUT:-gpu-out} bash benchmarks/gpu_check.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info resfast/*.so

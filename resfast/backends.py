@@ -1,0 +1,149 @@
+"""Which kernel backends exist on this machine, and which one runs a given (device, dtype).
+
+Backends:
+
+- ``reference``: plain PyTorch, one tensor at a time. The specification; always available.
+- ``triton``: Triton kernels, one launch per (device, dtype) bucket. CUDA tensors, or CPU tensors
+  when ``TRITON_INTERPRET=1`` was set before resfast's Triton kernels were imported (slow; for tests).
+- ``cuda`` / ``cpu``: the native extension ``resfast._C`` (CUDA C++ / C++), when it was built.
+
+``auto`` picks the fastest available one for the tensors' device and dtype; the environment variable
+``RESFAST_BACKEND`` overrides ``auto`` (not an explicit choice). When a requested backend cannot run,
+the error says why, and ``info()`` shows the same reasons for every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Any
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailable", "choose", "info", "validate"]
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+# The fused kernels compute in fp32 and store in these dtypes; anything else runs on `reference`.
+FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A requested backend cannot run the given tensors here; the message says why."""
+
+
+def validate(requested: str) -> str:
+    """Check a backend name at construction time (before any state exists)."""
+    if not isinstance(requested, str) or requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    return requested
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # any failure to import means the backend is absent; keep the reason
+        return f"triton cannot be imported ({type(e).__name__}: {e}); install it with `pip install triton`"
+    return None
+
+
+@functools.cache
+def native_extension() -> tuple[Any, str | None]:
+    """(module, None) when resfast._C imports and matches this torch, else (None, why not)."""
+    try:
+        ext = importlib.import_module("resfast._C")
+    except ImportError as e:
+        return None, (
+            f"the native extension resfast._C is not built ({e}); reinstall with a C++ compiler "
+            "(and nvcc for CUDA): pip install --no-build-isolation -e ."
+        )
+    except Exception as e:  # a broken binary (e.g. built against another torch) must not crash import
+        return None, f"resfast._C failed to load ({type(e).__name__}: {e}); rebuild it against this torch"
+    built_for = getattr(ext, "TORCH_VERSION", None)
+    if built_for is not None and built_for != torch.__version__:
+        return None, (
+            f"resfast._C was built for torch {built_for} but torch {torch.__version__} is installed; "
+            "rebuild it: pip install --no-build-isolation -e ."
+        )
+    return ext, None
+
+
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if `backend` can run tensors of this device and dtype, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if dtype not in FAST_DTYPES:
+        return f"{backend} kernels support float32, bfloat16 and float16, not {dtype}"
+    if backend == "triton":
+        if (err := _triton_import_error()) is not None:
+            return err
+        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+            return None
+        return f"triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), not {device.type}"
+    ext, err = native_extension()
+    if err is not None:
+        return err
+    if backend == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, not {device.type}"
+    if backend == "cuda":
+        if not getattr(ext, "HAS_CUDA", False):
+            return f"resfast._C was built without CUDA kernels ({getattr(ext, 'CUDA_SKIP_REASON', 'no nvcc')})"
+        return None if device.type == "cuda" else f"the cuda backend runs CUDA tensors, not {device.type}"
+    raise AssertionError(backend)
+
+
+# `auto`'s order of preference per device type: the first one that can run wins.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+@functools.cache
+def _choose(device: torch.device, dtype: torch.dtype, requested: str) -> str:
+    if requested == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if _why_not(candidate, device, dtype) is None:
+                return candidate
+        raise AssertionError("reference is always available")
+    why = _why_not(requested, device, dtype)
+    if why is not None:
+        others = "; ".join(
+            f"{b}: {_why_not(b, device, dtype) or 'available'}" for b in BACKENDS[1:] if b != requested
+        )
+        raise BackendUnavailable(
+            f"backend {requested!r} cannot run {dtype} tensors on {device}: {why}. Other backends: {others}"
+        )
+    return requested
+
+
+def choose(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """The backend that runs tensors of `device` and `dtype` for a user's `requested` backend."""
+    if requested == "auto":
+        requested = validate(os.environ.get("RESFAST_BACKEND", "auto"))
+    return _choose(torch.device(device), dtype, requested)
+
+
+def info(verbose: bool = True) -> dict[str, str]:
+    """What each backend can run here (CPU always; CUDA if a GPU is present), and why not otherwise."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    report = {}
+    for backend in BACKENDS[1:]:
+        reasons = [(d, _why_not(backend, d, torch.float32)) for d in devices]
+        ok = [d.type for d, why in reasons if why is None]
+        report[backend] = (
+            f"available on {', '.join(ok)}"
+            if ok
+            else "unavailable: " + "; ".join(f"{d.type}: {why}" for d, why in reasons)
+        )
+    for device in devices:
+        report[f"auto on {device.type}"] = choose(device, torch.float32, "auto")
+    if verbose:
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value}")
+    return report
