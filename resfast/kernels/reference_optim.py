@@ -1,0 +1,242 @@
+"""The optimizer updates in plain PyTorch, one tensor at a time: the specification.
+
+Every fast backend (Triton, C++, CUDA) implements these functions with the same signatures and is
+tested against them. They follow torch.optim's single-tensor implementations line by line, with two
+deliberate differences that make them the specification of a *fused* update:
+
+- Math runs in float32 for bfloat16/float16 tensors (each state is read, updated in fp32 and
+  rounded once when stored), as torch's fused kernels do; float32/float64 tensors update in place.
+- AMP: ``grad_scale`` divides the gradient (the unscaled gradient is written back to ``.grad``, as
+  torch's fused kernels do) and a nonzero ``found_inf`` leaves every tensor untouched.
+
+Step counters are not touched here: the optimizer increments them (and undoes the increment when
+``found_inf`` is set) before calling, so ``steps`` holds the count *including* this step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+
+
+def _skipped(found_inf: Tensor | None) -> bool:
+    # The reference may synchronise: it is the readable spec, not the fast path.
+    return found_inf is not None and bool(found_inf.item())
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """The tensor to compute with: itself for fp32/fp64 (updated in place), an fp32 copy otherwise."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _store(dst: Tensor, value: Tensor) -> None:
+    if value is not dst:
+        dst.copy_(value)
+
+
+def _grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+    g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.clone()
+    if grad_scale is not None:
+        g = g / grad_scale.to(g.device)
+        grad.copy_(g)
+    return -g if maximize else g
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    fresh: list[bool],
+    *,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """SGD. ``momentum_buffers[i]`` is None when momentum is 0; ``fresh[i]`` marks a buffer created
+    for this step, which starts as the gradient itself (no dampening), as in torch."""
+    if _skipped(found_inf):
+        return
+    for param, grad, buf, is_fresh in zip(params, grads, momentum_buffers, fresh, strict=True):
+        p = _fp32(param)
+        g = _grad(grad, grad_scale, maximize)
+        if weight_decay != 0:
+            g = g + p * weight_decay
+        if momentum != 0:
+            assert buf is not None
+            b = _fp32(buf)
+            if is_fresh:
+                b.copy_(g)
+            else:
+                b.mul_(momentum).add_(g, alpha=1 - dampening)
+            _store(buf, b)
+            g = g.add(b, alpha=momentum) if nesterov else b
+        p.sub_(g * lr)
+        _store(param, p)
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor | None],
+    momentum_buffers: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """RMSprop. ``grad_avgs[i]`` is None unless centered; ``momentum_buffers[i]`` None unless momentum > 0.
+    ``steps`` is counted (torch keeps it in the state) but not used by the maths."""
+    if _skipped(found_inf):
+        return
+    for i, param in enumerate(params):
+        p = _fp32(param)
+        g = _grad(grads[i], grad_scale, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        sq = _fp32(square_avgs[i])
+        sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        _store(square_avgs[i], sq)
+        if centered:
+            ga_state = grad_avgs[i]
+            assert ga_state is not None
+            ga = _fp32(ga_state)
+            ga.lerp_(g, 1 - alpha)
+            _store(ga_state, ga)
+            avg = sq.addcmul(ga, ga, value=-1).sqrt_()
+        else:
+            avg = sq.sqrt()
+        avg = avg.add_(eps)
+        buf_state = momentum_buffers[i]
+        if momentum > 0:
+            assert buf_state is not None
+            buf = _fp32(buf_state)
+            buf.mul_(momentum).addcdiv_(g, avg)
+            _store(buf_state, buf)
+            p.sub_(buf * lr)
+        else:
+            p.sub_(g / avg * lr)
+        _store(param, p)
+
+
+def adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Adagrad, including torch's sparse-gradient update (which only this backend runs)."""
+    if _skipped(found_inf):
+        return
+    for param, grad, state_sum, step_t in zip(params, grads, state_sums, steps, strict=True):
+        clr = lr / (1 + (step_t.item() - 1) * lr_decay)
+        if grad.is_sparse:
+            _adagrad_sparse(param, grad, state_sum, clr, weight_decay, eps, maximize, grad_scale)
+            continue
+        p = _fp32(param)
+        g = _grad(grad, grad_scale, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        s = _fp32(state_sum)
+        s.addcmul_(g, g, value=1)
+        p.sub_(g / s.sqrt().add_(eps) * clr)
+        _store(state_sum, s)
+        _store(param, p)
+
+
+def _adagrad_sparse(
+    param: Tensor,
+    grad: Tensor,
+    state_sum: Tensor,
+    clr: float | Tensor,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: Tensor | None,
+) -> None:
+    # torch's own sparse rule, verbatim in meaning: only rows present in the gradient change.
+    if weight_decay != 0:
+        raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+    if grad_scale is not None:
+        grad = grad / grad_scale
+    grad = (-grad if maximize else grad).coalesce()
+    indices, values = grad._indices(), grad._values()
+
+    def make_sparse(v: Tensor) -> Tensor:
+        return torch.sparse_coo_tensor(indices, v, grad.size())
+
+    state_sum.add_(make_sparse(values.pow(2)))
+    std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)
+    param.sub_(make_sparse(values / std_values) * clr)
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """Adam; AdamW is ``decoupled_weight_decay=True``. ``max_exp_avg_sqs[i]`` is None unless amsgrad."""
+    if _skipped(found_inf):
+        return
+    for i, param in enumerate(params):
+        p = _fp32(param)
+        g = _grad(grads[i], grad_scale, maximize)
+        step = steps[i].item()
+        if weight_decay != 0:
+            if decoupled_weight_decay:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        m, v = _fp32(exp_avgs[i]), _fp32(exp_avg_sqs[i])
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        _store(exp_avgs[i], m)
+        _store(exp_avg_sqs[i], v)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        max_state = max_exp_avg_sqs[i]
+        if amsgrad:
+            assert max_state is not None
+            vmax = _fp32(max_state)
+            torch.maximum(vmax, v, out=vmax)
+            _store(max_state, vmax)
+            v = vmax
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.sub_(m / denom * (lr / bias_correction1))
+        _store(param, p)

@@ -1,0 +1,411 @@
+"""Triton optimizer updates: one kernel launch updates every tensor of a (device, dtype) bucket.
+
+Layout of a launch (the "work table"):
+
+- ``table``: int64 ``[n_tensors, n_ptrs + 1]``; row i holds the addresses of tensor i's param, grad
+  and states, then its element count. Building it costs one ``data_ptr()`` call per tensor on the
+  host; it is uploaded once and reused while those addresses and sizes do not change (the usual
+  case: parameters and states never move, and the caching allocator hands grads the same blocks).
+- ``rows``: int64 ``[n_rows, 2]``; each program takes one row = (tensor index, first element of its
+  BLOCK-sized chunk), so a launch covers any number of tensors of any sizes with no per-tensor
+  launch and no 4 KB kernel-argument limit.
+- ``coef``: float32 ``[n_tensors, K]`` per-tensor coefficients (lr, bias corrections, ...), computed
+  each step on the device by a few vectorised torch ops. Hyperparameters therefore reach the kernel as
+  data, never as compile-time constants: changing lr (float or tensor) never recompiles, and with
+  ``capturable`` nothing here synchronises with the host.
+
+Math is fp32 whatever the storage dtype; each state is rounded once when stored. Offsets are int64.
+Semantics are those of :mod:`resfast.kernels.reference_optim` (same signatures), against which this
+module is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+
+# Elements per program. Provisional (not yet measured on a GPU): large enough to amortise reading a
+# row, small enough that a 1-element tensor wastes little.
+BLOCK = 1024
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk(
+    rows_ptr, table_ptr, found_inf_ptr, NCOL: tl.constexpr, BLOCK: tl.constexpr, HAS_INF: tl.constexpr
+):
+    """This program's tensor index, element offsets and mask (false past the end, or on found_inf)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(rows_ptr + 2 * row)
+    start = tl.load(rows_ptr + 2 * row + 1)
+    numel = tl.load(table_ptr + t * NCOL + (NCOL - 1))
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    if HAS_INF:
+        # found_inf != 0 turns every load/store off: params, states and grads stay bit-identical.
+        mask = mask & (tl.load(found_inf_ptr) == 0)
+    return t, offs, mask
+
+
+@triton.jit
+def _ptr(table_ptr, t, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexpr):
+    """Address in column `col` of tensor t's table row, as a pointer to DTYPE."""
+    return tl.load(table_ptr + t * NCOL + col).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The fp32 gradient, unscaled (and written back unscaled, as torch's fused kernels do)."""
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale_ptr)
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    return tl.load(ptr + offs, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, offs, value, mask):
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels. Common arguments:
+#   rows_ptr       int64 [n_rows, 2]: (tensor index, first element) of each program's chunk
+#   table_ptr      int64 [n_tensors, NCOL]: addresses of param, grad, states..., then numel
+#   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns documented per kernel
+#   grad_scale_ptr float32 [1]: GradScaler's scale (read only if HAS_SCALE)
+#   found_inf_ptr  float32 [1]: nonzero means skip the whole update (read only if HAS_INF)
+#   DTYPE          storage dtype of every tensor in the launch; math is fp32
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sgd_kernel(
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # table columns: param, grad[, momentum_buffer], numel
+    # coef columns: lr, weight_decay, momentum, 1 - dampening, fresh (1.0: buffer starts as the grad)
+    NCOL: tl.constexpr = 4 if HAS_MOMENTUM else 3
+    t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    c = coef_ptr + t * 5
+    p = _load(p_ptr, offs, mask)
+    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    if HAS_WD:
+        g = g + p * tl.load(c + 1)
+    if HAS_MOMENTUM:
+        momentum = tl.load(c + 2)
+        b_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
+        # A fresh buffer (all zeros) starts as the gradient itself, undampened, as in torch.
+        b = tl.where(tl.load(c + 4) != 0, g, _load(b_ptr, offs, mask) * momentum + g * tl.load(c + 3))
+        _store(b_ptr, offs, b, mask)
+        if NESTEROV:
+            g = g + b * momentum
+        else:
+            g = b
+    _store(p_ptr, offs, p - g * tl.load(c), mask)
+
+
+@triton.jit
+def _rmsprop_kernel(
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # table columns: param, grad, square_avg[, grad_avg][, momentum_buffer], numel
+    # coef columns: lr, alpha, 1 - alpha, eps, weight_decay, momentum
+    NCOL: tl.constexpr = 4 + CENTERED + HAS_MOMENTUM
+    t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
+    c = coef_ptr + t * 6
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p = _load(p_ptr, offs, mask)
+    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    if HAS_WD:
+        g = g + p * tl.load(c + 4)
+    one_minus_alpha = tl.load(c + 2)
+    sq_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
+    sq = _load(sq_ptr, offs, mask) * tl.load(c + 1) + g * g * one_minus_alpha
+    _store(sq_ptr, offs, sq, mask)
+    if CENTERED:
+        ga_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
+        ga = _load(ga_ptr, offs, mask)
+        ga = ga + one_minus_alpha * (g - ga)
+        _store(ga_ptr, offs, ga, mask)
+        avg = tl.sqrt(sq - ga * ga) + tl.load(c + 3)
+    else:
+        avg = tl.sqrt(sq) + tl.load(c + 3)
+    if HAS_MOMENTUM:
+        b_ptr = _ptr(table_ptr, t, 3 + CENTERED, NCOL, DTYPE)
+        b = _load(b_ptr, offs, mask) * tl.load(c + 5) + g / avg
+        _store(b_ptr, offs, b, mask)
+        update = b
+    else:
+        update = g / avg
+    _store(p_ptr, offs, p - update * tl.load(c), mask)
+
+
+@triton.jit
+def _adagrad_kernel(
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+    DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # table columns: param, grad, sum, numel
+    # coef columns: clr = lr / (1 + (step - 1) * lr_decay), weight_decay, eps
+    NCOL: tl.constexpr = 4
+    t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
+    c = coef_ptr + t * 3
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p = _load(p_ptr, offs, mask)
+    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    if HAS_WD:
+        g = g + p * tl.load(c + 1)
+    s_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
+    s = _load(s_ptr, offs, mask) + g * g
+    _store(s_ptr, offs, s, mask)
+    _store(p_ptr, offs, p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c), mask)
+
+
+@triton.jit
+def _adam_kernel(
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # WD_MODE: 0 no weight decay, 1 added to the grad (Adam), 2 decoupled (AdamW)
+    # table columns: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq], numel
+    # coef columns: step_size = lr / (1 - beta1^step), sqrt(1 - beta2^step), 1 - beta1, beta2,
+    #               1 - beta2, eps, weight_decay (WD_MODE 1) or 1 - lr * weight_decay (WD_MODE 2)
+    NCOL: tl.constexpr = 6 if AMSGRAD else 5
+    t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
+    c = coef_ptr + t * 7
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p = _load(p_ptr, offs, mask)
+    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    if WD_MODE == 1:
+        g = g + p * tl.load(c + 6)
+    if WD_MODE == 2:
+        p = p * tl.load(c + 6)
+    m_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
+    v_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
+    m = _load(m_ptr, offs, mask)
+    m = m + tl.load(c + 2) * (g - m)  # torch's lerp for weights < 0.5
+    v = _load(v_ptr, offs, mask) * tl.load(c + 3) + g * g * tl.load(c + 4)
+    _store(m_ptr, offs, m, mask)
+    _store(v_ptr, offs, v, mask)
+    if AMSGRAD:
+        vmax_ptr = _ptr(table_ptr, t, 4, NCOL, DTYPE)
+        v = tl.maximum(_load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
+        _store(vmax_ptr, offs, v, mask)
+    denom = tl.sqrt(v) / tl.load(c + 1) + tl.load(c + 5)
+    _store(p_ptr, offs, p - m / denom * tl.load(c), mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side: work tables, coefficients, launch
+# ----------------------------------------------------------------------------------------------------
+
+_TABLES: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+_MAX_TABLES = 64  # a few per param group and dtype; old entries are dropped first
+
+
+def _work_table(tensor_lists: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(rows, table) on `device` for tensor_lists = [params, grads, states...], cached by addresses."""
+    numels = tuple(t.numel() for t in tensor_lists[0])
+    addresses = tuple(tuple(t.data_ptr() for t in tensors) for tensors in tensor_lists)
+    key = (device, numels, addresses)
+    cached = _TABLES.get(key)
+    if cached is not None:
+        _TABLES.move_to_end(key)
+        return cached
+    table = torch.tensor(
+        [[*column, n] for *column, n in zip(*addresses, numels, strict=True)], dtype=torch.int64
+    )
+    chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
+    tensor_index = torch.repeat_interleave(torch.arange(len(numels)), chunks)
+    first_row_of_tensor = torch.cumsum(chunks, 0) - chunks
+    start = (torch.arange(len(tensor_index)) - first_row_of_tensor[tensor_index]) * BLOCK
+    rows = torch.stack([tensor_index, start], dim=1)
+    entry = (rows.to(device), table.to(device))
+    _TABLES[key] = entry
+    if len(_TABLES) > _MAX_TABLES:
+        _TABLES.popitem(last=False)
+    return entry
+
+
+def _coefficients(n: int, device: torch.device, columns: Sequence[float | Tensor]) -> Tensor:
+    """float32 [n, len(columns)]; each column a number, a 0-d tensor or an [n] tensor (per tensor).
+
+    Only device-side fills and copies: no host synchronisation, safe inside CUDA graph capture."""
+    coef = torch.empty(n, len(columns), dtype=torch.float32, device=device)
+    for j, value in enumerate(columns):
+        coef[:, j] = value
+    return coef
+
+
+def _step_counts(steps: Sequence[Tensor], device: torch.device) -> Tensor:
+    """The per-tensor step counts as one float64 vector (bias corrections are computed in fp64)."""
+    return torch.stack(list(steps)).to(device=device, dtype=torch.float64)
+
+
+def _launch(
+    kernel: triton.JITFunction,
+    tensor_lists: Sequence[Sequence[Tensor]],
+    coef: Tensor,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    **flags: object,
+) -> None:
+    params = tensor_lists[0]
+    device = params[0].device
+    rows, table = _work_table(tensor_lists, device)
+    if rows.shape[0] == 0:
+        return
+    # Unused pointer arguments still need a tensor; `coef` is never read through them.
+    scale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else coef
+    inf = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else coef
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[(rows.shape[0],)](
+            rows, table, coef, scale, inf,
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+            DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=BLOCK, **flags,
+        )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions: same signatures and semantics as resfast.kernels.reference_optim
+# ----------------------------------------------------------------------------------------------------
+
+
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    fresh: list[bool],
+    *,
+    lr: float | Tensor,
+    weight_decay: float | Tensor,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    device = params[0].device
+    has_momentum = momentum != 0
+    lists = [params, grads, momentum_buffers] if has_momentum else [params, grads]
+    # The fresh flags change only on a buffer's first step; 0.0 fills without a host-to-device copy.
+    fresh_column = torch.tensor(fresh, dtype=torch.float32) if any(fresh) else 0.0
+    coef = _coefficients(len(params), device, [lr, weight_decay, momentum, 1 - dampening, fresh_column])
+    _launch(
+        _sgd_kernel, lists, coef, grad_scale, found_inf,
+        HAS_WD=bool(weight_decay != 0), HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
+    )  # fmt: skip
+
+
+def rmsprop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    square_avgs: list[Tensor],
+    grad_avgs: list[Tensor | None],
+    momentum_buffers: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    lists = [params, grads, square_avgs]
+    if centered:
+        lists.append(grad_avgs)
+    if momentum > 0:
+        lists.append(momentum_buffers)
+    coef = _coefficients(len(params), params[0].device, [lr, alpha, 1 - alpha, eps, weight_decay, momentum])
+    _launch(
+        _rmsprop_kernel, lists, coef, grad_scale, found_inf,
+        HAS_WD=weight_decay != 0, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
+    )  # fmt: skip
+
+
+def adagrad(
+    params: list[Tensor],
+    grads: list[Tensor],
+    state_sums: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    device = params[0].device
+    clr = lr / (1 + (_step_counts(steps, device) - 1) * lr_decay)
+    coef = _coefficients(len(params), device, [clr, weight_decay, eps])
+    _launch(
+        _adagrad_kernel, [params, grads, state_sums], coef, grad_scale, found_inf,
+        HAS_WD=weight_decay != 0, MAXIMIZE=maximize,
+    )  # fmt: skip
+
+
+def adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor | None],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    device = params[0].device
+    step = _step_counts(steps, device)
+    wd_mode = 0 if weight_decay == 0 else 2 if decoupled_weight_decay else 1
+    wd_column = 1 - lr * weight_decay if wd_mode == 2 else weight_decay
+    columns = [lr / (1 - beta1**step), (1 - beta2**step).sqrt(), 1 - beta1, beta2, 1 - beta2, eps, wd_column]
+    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    _launch(
+        _adam_kernel, lists, _coefficients(len(params), device, columns), grad_scale, found_inf,
+        WD_MODE=wd_mode, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+    )  # fmt: skip
