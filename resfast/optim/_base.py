@@ -1,0 +1,203 @@
+"""The step machinery shared by resfast's optimizers.
+
+Each resfast optimizer subclasses torch.optim's own class of the same name, so construction (every
+argument, default and validation error), param groups, hooks, lr schedulers and the state_dict
+format are torch's by construction. Only ``step`` is replaced (by :class:`FusedStep`, mixed in
+first): per param group it gathers the params that have grads, buckets them by (device, dtype,
+backend) and runs ONE kernel call per bucket.
+
+A step runs in two phases so that bad input raises before anything changes: ``_plan`` validates every
+group and chooses backends without touching state; ``_run`` creates missing state and updates.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from resfast import backends
+
+# Backend name -> module implementing the kernel functions (same signatures in every module).
+_KERNEL_MODULES = {
+    "reference": "resfast.kernels.reference_optim",
+    "triton": "resfast.kernels.triton_optim",
+}
+
+
+def kernel_module(backend: str) -> ModuleType:
+    """The module of optimizer kernels for an available backend (imported on first use)."""
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def reject_differentiable(differentiable: bool) -> None:
+    if differentiable:
+        raise NotImplementedError(
+            "resfast optimizers do not support differentiable=True (their fused update is not "
+            "differentiable); use torch.optim with differentiable=True for that"
+        )
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors update as their real views, as torch.optim does."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _dense(t: Tensor) -> bool:
+    """True if t's elements fill its memory span exactly (any dim order: contiguous, channels_last...)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
+    """Can a flat kernel update these tensors elementwise as one memory span each?
+
+    It can when the param is dense and every grad/state has the param's dtype and strides, so element k
+    of one span is element k of the others. Anything else (transposed or sliced views, a grad with
+    other strides, a state of another dtype) runs on the reference backend: slower, never wrong."""
+    if param.numel() > 1 and not _dense(param):
+        return False
+    return all(t.dtype == param.dtype and (t.stride() == param.stride() or t.numel() <= 1) for t in others)
+
+
+@dataclass
+class _Bucket:
+    backend: str
+    params: list[Tensor] = field(default_factory=list)
+
+
+class FusedStep:
+    """Mixin that replaces torch.optim's step with resfast's fused one.
+
+    Subclasses define:
+    - ``_state_keys(group)``: the per-param state tensors the kernel updates, in kernel order;
+    - ``_new_state(group, param, key)``: a fresh state tensor, as torch would create it;
+    - ``_has_step``: whether the state holds a ``step`` counter;
+    - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported and
+      run on the reference backend);
+    - ``_update(fn, group, params, grads, states, steps, grad_scale, found_inf)``: call kernel `fn`.
+    """
+
+    _has_step = True
+    _sparse_grad_error: str | None = None
+    param_groups: list[dict[str, Any]]
+    state: dict[Tensor, dict[str, Any]]
+    defaults: dict[str, Any]
+
+    def _init_backend(self, backend: str) -> None:
+        self.backend = backends.validate(backend)
+        # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.__dict__.setdefault("backend", "auto")
+
+    # -- phase 1: validate and plan, no side effects -----------------------------------------------
+
+    def _plan(self, group: dict[str, Any]) -> list[_Bucket]:
+        buckets: dict[tuple, _Bucket] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                if self._sparse_grad_error is not None:
+                    raise RuntimeError(self._sparse_grad_error)
+                backend = "reference"
+            else:
+                self._check_capturable(group, p)
+                backend = backends.choose(p.device, _real(p).dtype, self.backend)
+            key = (p.device, p.dtype, backend)
+            buckets.setdefault(key, _Bucket(backend)).params.append(p)
+        return list(buckets.values())
+
+    def _check_capturable(self, group: dict[str, Any], p: Tensor) -> None:
+        # torch raises this for capturable params on devices that cannot be captured (e.g. CPU).
+        if group.get("capturable") and p.device.type != "cuda":
+            raise AssertionError(
+                f"If capturable=True, params and state_steps must be on supported devices: ['cuda'], "
+                f"got {p.device.type}"
+            )
+
+    # -- phase 2: state and update ----------------------------------------------------------------
+
+    def _states(self, group: dict[str, Any], p: Tensor) -> tuple[dict[str, Any], bool]:
+        """p's state with every tensor the kernel needs (created as torch creates it), and whether a
+        new state tensor was created in this call (SGD needs that to start its momentum buffer)."""
+        state = self.state[p]
+        created = False
+        if self._has_step and "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        elif self._has_step and state["step"].device != p.device:
+            # Checkpoints from torch's non-fused optimizers keep `step` on the CPU; resfast, like torch's
+            # fused optimizers, keeps it beside the param so no step needs a host sync.
+            state["step"] = state["step"].to(p.device)
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = self._new_state(group, p, key)
+                created = True
+        return state, created
+
+    def _split_by_layout(self, group: dict[str, Any], bucket: _Bucket) -> Iterator[_Bucket]:
+        """The bucket's params for its fast backend, and those that need the reference (see fast_layout)."""
+        if bucket.backend == "reference":
+            yield bucket
+            return
+        keys = self._state_keys(group)
+        fast, slow = _Bucket(bucket.backend), _Bucket("reference")
+        for p in bucket.params:
+            others = [p.grad, *(self.state[p][k] for k in keys)]
+            (fast if fast_layout(_real(p), [_real(t) for t in others]) else slow).params.append(p)
+        yield from (b for b in (fast, slow) if b.params)
+
+    def _run(
+        self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None
+    ):
+        keys = self._state_keys(group)
+        created = {id(p): self._states(group, p)[1] for p in bucket.params}
+        for sub in self._split_by_layout(group, bucket):
+            params = sub.params
+            states = {k: [_real(self.state[p][k]) for p in params] for k in keys}
+            steps = [self.state[p]["step"] for p in params] if self._has_step else []
+            if steps:
+                torch._foreach_add_(steps, 1)
+                if found_inf is not None:
+                    # Undo the count on a skipped step, on the device and without a host sync.
+                    torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+            fresh = [created[id(p)] for p in params]
+            fn = getattr(kernel_module(sub.backend), self._kernel)
+            self._update(
+                fn, group, [_real(p) for p in params], [_real(p.grad) for p in params], states, steps, fresh,
+                grad_scale, found_inf,
+            )  # fmt: skip
+
+    _kernel: str
+    _state_keys: Callable[[dict[str, Any]], tuple[str, ...]]
+    _new_state: Callable[[dict[str, Any], Tensor, str], Tensor]
+    _update: Callable[..., None]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update of every param with a grad; returns the closure's loss if one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if "capturable" in self.defaults:
+            self._cuda_graph_capture_health_check()  # type: ignore[attr-defined]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        plans = [self._plan(group) for group in self.param_groups]
+        for group, buckets in zip(self.param_groups, plans, strict=True):
+            for bucket in buckets:
+                self._run(group, bucket, grad_scale, found_inf)
+        return loss

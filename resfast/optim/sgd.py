@@ -1,0 +1,80 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize; torch.optim.SGD's interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from resfast.optim._base import FusedStep, reject_differentiable
+
+
+class SGD(FusedStep, torch.optim.SGD):
+    """Drop-in for :class:`torch.optim.SGD` whose update runs as one fused kernel per bucket.
+
+    Arguments, defaults, errors and state (``momentum_buffer``) are torch's. ``foreach`` and ``fused``
+    are accepted and recorded as torch records them (resfast always fuses). ``backend`` picks the
+    kernels: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+    """
+
+    _kernel = "sgd"
+    _has_step = False  # torch's SGD keeps no step counter
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        reject_differentiable(differentiable)
+        super().__init__(
+            params, lr, momentum, dampening, weight_decay, nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )  # fmt: skip
+        self._init_backend(backend)
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
+        # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it.
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _update(
+        self,
+        fn: Callable[..., None],
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: dict[str, list[Tensor]],
+        steps: list[Tensor],
+        fresh: list[bool],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        if any(fresh) and found_inf is not None and found_inf.item():
+            # A skipped first step must leave no buffer behind, so the next one starts from the grad
+            # as torch's does. This host sync happens only on a buffer's first step.
+            for p, new in zip(params, fresh, strict=True):
+                if new:
+                    del self.state[p]["momentum_buffer"]
+            return
+        buffers = states.get("momentum_buffer", [None] * len(params))
+        fn(
+            params, grads, buffers, fresh,
+            lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+            grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
