@@ -72,7 +72,7 @@ def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if HAS_SCALE:
         g = g / tl.load(grad_scale_ptr)
-        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        _store(g_ptr, offs, g, mask)
     if MAXIMIZE:
         g = -g
     return g
@@ -85,6 +85,13 @@ def _load(ptr, offs, mask):
 
 @triton.jit
 def _store(ptr, offs, value, mask):
+    """Store fp32 `value` rounded to nearest-even in the pointer's dtype."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        # Round the fp32 bits by hand: the GPU's conversion rounds to nearest-even, but Triton's CPU
+        # interpreter truncates; this makes both exact and identical. NaN passes through unchanged.
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
     tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 

@@ -193,7 +193,9 @@ class FusedStep:
             with torch.enable_grad():
                 loss = closure()
         if "capturable" in self.defaults:
-            self._cuda_graph_capture_health_check()  # type: ignore[attr-defined]
+            # Raises if a CUDA graph is being captured without capturable=True (renamed in torch 2.12).
+            check = getattr(self, "_accelerator_graph_capture_health_check", None)
+            (check or self._cuda_graph_capture_health_check)()  # type: ignore[attr-defined]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         plans = [self._plan(group) for group in self.param_groups]
