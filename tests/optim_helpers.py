@@ -36,9 +36,10 @@ def make_grads(step: int, n: int, seed: int = 1) -> list[Tensor | None]:
 def build(name: str, impl: str, params: list[Tensor], kwargs: dict, backend: str | None = None):
     """Two param groups (the second with half the lr) of torch's or resfast's optimizer `name`."""
     groups = [{"params": params[::2]}, {"params": params[1::2], "lr": kwargs.get("lr", 1e-2) * 0.5}]
+    # foreach=False: torch's single-tensor loop, the readable spec; resfast records the flag as torch does.
     if impl == "torch":
         return getattr(torch.optim, name)(groups, foreach=False, **kwargs)
-    return getattr(resfast.optim, name)(groups, backend=backend or "auto", **kwargs)
+    return getattr(resfast.optim, name)(groups, foreach=False, backend=backend or "auto", **kwargs)
 
 
 def run(opt, params: list[Tensor], steps: int, seed: int = 1, first: int = 0) -> None:

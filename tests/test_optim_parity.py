@@ -43,7 +43,9 @@ def test_matches_torch_within_its_own_error(case, backend, dtype):
     expected = state_tensors(truth_opt, truth)
     got = state_tensors(ours_opt, ours)
     assert [n for n, _ in got] == [n for n, _ in expected] == [n for n, _ in state_tensors(torch_opt, theirs)]
-    for (label, want), (_, mine), (_, torch_value) in zip(expected, got, state_tensors(torch_opt, theirs)):
+    for (label, want), (_, mine), (_, torch_value) in zip(
+        expected, got, state_tensors(torch_opt, theirs), strict=True
+    ):
         if label.endswith(".step"):
             assert torch.equal(mine.cpu().double(), want.double()), label  # per-tensor counts, exact
             continue

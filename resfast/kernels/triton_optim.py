@@ -52,12 +52,11 @@ def _chunk(
     t = tl.load(rows_ptr + 2 * row)
     start = tl.load(rows_ptr + 2 * row + 1)
     numel = tl.load(table_ptr + t * NCOL + (NCOL - 1))
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
     if HAS_INF:
-        # found_inf != 0 turns every load/store off: params, states and grads stay bit-identical.
-        mask = mask & (tl.load(found_inf_ptr) == 0)
-    return t, offs, mask
+        # found_inf != 0 empties every tensor: no load or store, so all stay bit-identical.
+        numel = numel * (tl.load(found_inf_ptr) == 0).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < numel
 
 
 @triton.jit

@@ -98,9 +98,14 @@ class FusedStep:
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; the backend choice travels too.
+        return {**super().__getstate__(), "backend": self.backend}  # type: ignore[misc]
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
-        self.__dict__.setdefault("backend", "auto")
+        # Unpickling brings "backend"; load_state_dict also lands here, without it: keep ours.
+        self._init_backend(state.get("backend", getattr(self, "backend", "auto")))
 
     # -- phase 1: validate and plan, no side effects -----------------------------------------------
 
@@ -130,9 +135,11 @@ class FusedStep:
 
     # -- phase 2: state and update ----------------------------------------------------------------
 
-    def _states(self, group: dict[str, Any], p: Tensor) -> tuple[dict[str, Any], bool]:
-        """p's state with every tensor the kernel needs (created as torch creates it), and whether a
-        new state tensor was created in this call (SGD needs that to start its momentum buffer)."""
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Give p every state tensor the kernel needs (created as torch creates it); return whether a
+        new one was created in this call (SGD needs that to start its momentum buffer)."""
+        if not self._has_step and not self._state_keys(group):
+            return False  # e.g. SGD without momentum: torch keeps no state at all
         state = self.state[p]
         created = False
         if self._has_step and "step" not in state:
@@ -145,7 +152,7 @@ class FusedStep:
             if key not in state:
                 state[key] = self._new_state(group, p, key)
                 created = True
-        return state, created
+        return created
 
     def _split_by_layout(self, group: dict[str, Any], bucket: _Bucket) -> Iterator[_Bucket]:
         """The bucket's params for its fast backend, and those that need the reference (see fast_layout)."""
@@ -163,7 +170,7 @@ class FusedStep:
         self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None
     ):
         keys = self._state_keys(group)
-        created = {id(p): self._states(group, p)[1] for p in bucket.params}
+        created = {id(p): self._init_state(group, p) for p in bucket.params}
         for sub in self._split_by_layout(group, bucket):
             params = sub.params
             states = {k: [_real(self.state[p][k]) for p in params] for k in keys}
