@@ -1,0 +1,119 @@
+"""Plain-PyTorch specification of ``y = relu(batch_norm(x) + residual)``: forward and backward.
+
+Every fast backend of the fused op implements the same two functions with the same arguments and
+results, and is tested against this module (which is itself tested against PyTorch's unfused
+expression in float64). Tensors are viewed as (N, C, *spatial): statistics are per channel, over the
+batch and spatial dimensions. Inputs in bf16/fp16 are computed in fp32 and stored back in their dtype,
+so the fp32 statistics of the fast kernels are the specification, not an approximation of it.
+
+Backward maths (what the fast kernels implement, per channel, over the M = N * prod(spatial) values):
+
+    xhat = (x - mean) * invstd,   invstd = 1 / sqrt(var + eps)
+    z    = xhat * weight + bias + residual,   y = relu(z)
+    dz   = dy * (y > 0)                          ReLU's mask, read from the saved output
+    dresidual = dz
+    dbias     = sum(dz)
+    dweight   = sum(dz * xhat)
+    dx = weight * invstd * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)   training: mean and var
+                                                                             depend on x
+    dx = weight * invstd * dz                                                eval: running stats
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["backward", "forward"]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """A (C,) tensor shaped to broadcast against x's (N, C, *spatial)."""
+    return t.view(-1, *([1] * (x.dim() - 2)))
+
+
+def _reduce_dims(x: Tensor) -> tuple[int, ...]:
+    return (0, *range(2, x.dim()))
+
+
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
+) -> None:
+    """nn.BatchNorm2d's update: exponential average, with the unbiased variance."""
+    unbiased_var = var * (count / (count - 1))
+    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+
+
+def forward(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var): the output, and the statistics it was normalised with.
+
+    Training: batch mean and biased variance (in the compute dtype); running stats, when given, are
+    updated in place. Eval: the running stats themselves.
+    """
+    ct = _compute_dtype(x)
+    xf = x.to(ct)
+    if training:
+        var, mean = torch.var_mean(xf, _reduce_dims(x), correction=0)
+        if running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean, var = running_mean, running_var
+    z = (xf - _per_channel(mean.to(ct), x)) * _per_channel(torch.rsqrt(var.to(ct) + eps), x)
+    if weight is not None:
+        z = z * _per_channel(weight.to(ct), x)
+    if bias is not None:
+        z = z + _per_channel(bias.to(ct), x)
+    if residual is not None:
+        z = z + residual.to(ct)
+    return torch.relu(z).to(x.dtype), mean, var
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    training: bool,
+    need_dx: bool,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """(dx or None, dresidual, dweight, dbias) for the saved (x, y, mean, var) of `forward`.
+
+    dresidual (= dz) is in x's dtype; dweight and dbias are per-channel sums in the compute dtype
+    (the caller casts them to the parameters' dtypes).
+    """
+    ct = _compute_dtype(x)
+    dz = torch.where(y > 0, dy, 0).to(ct)
+    invstd = torch.rsqrt(var.to(ct) + eps)
+    xhat = (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(invstd, x)
+    dims = _reduce_dims(x)
+    sum_dz = dz.sum(dims)
+    sum_dz_xhat = (dz * xhat).sum(dims)
+    dx = None
+    if need_dx:
+        scale = invstd if weight is None else invstd * weight.to(ct)
+        dxhat = dz
+        if training:
+            count = x.numel() // x.shape[1]
+            dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
+        dx = (dxhat * _per_channel(scale, x)).to(x.dtype)
+    return dx, dz.to(x.dtype), sum_dz_xhat, sum_dz

@@ -1,0 +1,203 @@
+"""``relu(batch_norm(x) + residual)`` as one op: input checks, backend choice and autograd.
+
+The kernels live in `resfast.kernels.reference_bn` (the specification) and
+`resfast.kernels.triton_bn`; the latter is imported only when the triton backend is chosen, so
+importing this module never imports Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from resfast import backends
+
+__all__ = ["batch_norm_add_relu"]
+
+# The kernel module of each backend that implements this op. The native extension (`cuda`, `cpu`)
+# has none yet.
+_KERNEL_MODULES = {"reference": "resfast.kernels.reference_bn", "triton": "resfast.kernels.triton_bn"}
+
+
+def _check_rank(x: Tensor) -> None:
+    if x.dim() not in (2, 3, 4):
+        raise ValueError(
+            f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input "
+            f"of shape {tuple(x.shape)})"
+        )
+
+
+def _check_per_channel(name: str, t: Tensor | None, x: Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != (x.shape[1],):
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the input of shape {tuple(x.shape)} has "
+            f"{x.shape[1]} channels: expected shape ({x.shape[1]},)"
+        )
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+
+
+def _check_residual(residual: Tensor | None, x: Tensor) -> None:
+    if residual is None:
+        return
+    if residual.shape != x.shape:
+        raise ValueError(
+            f"residual has shape {tuple(residual.shape)} but the input has shape {tuple(x.shape)}; "
+            "they must be equal"
+        )
+    if residual.dtype != x.dtype:
+        raise TypeError(
+            f"residual has dtype {residual.dtype} but the input (shape {tuple(x.shape)}) has "
+            f"{x.dtype}; they must be equal"
+        )
+    if residual.device != x.device:
+        raise ValueError(
+            f"residual (shape {tuple(residual.shape)}) is on {residual.device} but the input "
+            f"(shape {tuple(x.shape)}) is on {x.device}"
+        )
+
+
+def _check_inputs(
+    x: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+) -> None:
+    """Every error the op can raise about its inputs, raised before anything is modified."""
+    _check_rank(x)
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    _check_residual(residual, x)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_per_channel(name, t, x)
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_per_channel(name, t, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training and math.prod(x.shape) // x.shape[1] == 1 and x.shape[1] > 0:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+@functools.cache
+def _kernel_module(name: str) -> ModuleType:
+    if name not in _KERNEL_MODULES:
+        raise backends.BackendUnavailable(
+            f"backend {name!r} has no batch_norm_add_relu kernels yet; use backend='triton' or 'reference'"
+        )
+    return importlib.import_module(_KERNEL_MODULES[name])
+
+
+def _select_kernels(x: Tensor, backend: str) -> ModuleType:
+    """The kernel module that runs x for the requested backend (errors say why one cannot)."""
+    return _kernel_module(backends.choose(x.device, x.dtype, backend))
+
+
+class _BatchNormAddReLUFunction(torch.autograd.Function):
+    """Saves x and y (y > 0 is ReLU's mask; y is usually kept alive by the next layer anyway) and
+    the (C,) statistics x was normalised with: never the pre-activation."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        residual: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+        kernels: ModuleType,
+    ) -> Tensor:
+        y, mean, var = kernels.forward(
+            x, residual, weight, bias, running_mean, running_var, training, momentum, eps
+        )
+        ctx.save_for_backward(x, y, weight, mean, var)
+        ctx.kernels, ctx.training, ctx.eps = kernels, training, eps  # type: ignore[attr-defined]
+        ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, weight, mean, var = ctx.saved_tensors
+        need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+        dx, dz, dweight, dbias = ctx.kernels.backward(
+            dy, x, y, weight, mean, var, ctx.eps, ctx.training, need_x
+        )
+        return (
+            dx,
+            dz if need_residual else None,
+            dweight.to(weight.dtype) if need_weight else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
+            *([None] * 6),
+        )
+
+
+def _apply(
+    kernels: ModuleType,
+    x: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """The op on checked inputs, with the chosen kernels."""
+    if x.numel() == 0:
+        # Nothing to normalise: torch's own op gives the empty output, zero parameter gradients and
+        # unchanged running stats, exactly as the unfused expression would.
+        out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return torch.relu(out if residual is None else out + residual)
+    return _BatchNormAddReLUFunction.apply(
+        x, residual, weight, bias, running_mean, running_var, training, momentum, eps, kernels
+    )
+
+
+def batch_norm_add_relu(
+    x: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    + residual)`` in one op; ``relu(F.batch_norm(...))`` when residual is None.
+
+    Same semantics and argument order as `torch.nn.functional.batch_norm` (training normalises with
+    the batch's biased variance and, when running stats are given, updates them in place with the
+    unbiased one). x is (N, C), (N, C, L) or (N, C, H, W), any memory format; residual has x's shape,
+    dtype and device; the output has x's dtype and memory format. bf16/fp16 inputs are normalised
+    with fp32 statistics. `backend` is one of `resfast.backends.BACKENDS`.
+
+    Raises ValueError for a wrong rank, channel count or residual shape/device, TypeError for a
+    residual dtype mismatch, before any running stat changes. Double backward is not supported.
+    """
+    _check_inputs(x, residual, running_mean, running_var, weight, bias, training)
+    kernels = _select_kernels(x, backend)
+    return _apply(kernels, x, residual, running_mean, running_var, weight, bias, training, momentum, eps)
