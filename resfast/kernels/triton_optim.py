@@ -249,16 +249,20 @@ def _work_table(tensor_lists: Sequence[Sequence[Tensor]], device: torch.device) 
     table = torch.tensor(
         [[*column, n] for *column, n in zip(*addresses, numels, strict=True)], dtype=torch.int64
     )
-    chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
-    tensor_index = torch.repeat_interleave(torch.arange(len(numels)), chunks)
-    first_row_of_tensor = torch.cumsum(chunks, 0) - chunks
-    start = (torch.arange(len(tensor_index)) - first_row_of_tensor[tensor_index]) * BLOCK
-    rows = torch.stack([tensor_index, start], dim=1)
-    entry = (rows.to(device), table.to(device))
+    entry = (_rows(numels).to(device), table.to(device))
     _TABLES[key] = entry
     if len(_TABLES) > _MAX_TABLES:
         _TABLES.popitem(last=False)
     return entry
+
+
+def _rows(numels: Sequence[int]) -> Tensor:
+    """int64 [n_rows, 2]: (tensor index, first element) of each BLOCK-sized chunk, in int64 throughout."""
+    chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
+    tensor_index = torch.repeat_interleave(torch.arange(len(numels)), chunks)
+    first_row_of_tensor = torch.cumsum(chunks, 0) - chunks
+    start = (torch.arange(len(tensor_index)) - first_row_of_tensor[tensor_index]) * BLOCK
+    return torch.stack([tensor_index, start], dim=1)
 
 
 def _coefficients(n: int, device: torch.device, columns: Sequence[float | Tensor]) -> Tensor:
