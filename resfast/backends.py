@@ -92,7 +92,9 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | No
         return None if device.type == "cpu" else f"the cpu backend runs CPU tensors, not {device.type}"
     if backend == "cuda":
         if not getattr(ext, "HAS_CUDA", False):
-            return f"resfast._C was built without CUDA kernels ({getattr(ext, 'CUDA_SKIP_REASON', 'no nvcc')})"
+            return (
+                f"resfast._C was built without CUDA kernels ({getattr(ext, 'CUDA_SKIP_REASON', 'no nvcc')})"
+            )
         return None if device.type == "cuda" else f"the cuda backend runs CUDA tensors, not {device.type}"
     raise AssertionError(backend)
 
