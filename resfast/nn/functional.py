@@ -75,6 +75,7 @@ def _check_inputs(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
+    eps: float,
 ) -> None:
     """Every error the op can raise about its inputs, raised before anything is modified."""
     _check_rank(x)
@@ -198,6 +199,6 @@ def batch_norm_add_relu(
     Raises ValueError for a wrong rank, channel count or residual shape/device, TypeError for a
     residual dtype mismatch, before any running stat changes. Double backward is not supported.
     """
-    _check_inputs(x, residual, running_mean, running_var, weight, bias, training)
+    _check_inputs(x, residual, running_mean, running_var, weight, bias, training, eps)
     kernels = _select_kernels(x, backend)
     return _apply(kernels, x, residual, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -75,7 +75,7 @@ class BatchNormAddReLU(_BatchNorm):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        _check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training)
+        _check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
         kernels = _select_kernels(x, self.backend)
         return _apply(
             kernels,
