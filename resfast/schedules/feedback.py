@@ -56,7 +56,12 @@ class LossBackoff(LRSchedule):
             _skip(self, loss, "a loss must be finite and > 0")
             return
         if self.prev_loss is not None:
-            self.lr = self._clamp(self.lr / (1.0 + (loss - self.prev_loss) / self.prev_loss))
+            # 1 + (loss - prev) / prev is loss / prev; the ratio form cannot cancel to 0 for a tiny loss.
+            lr = self.lr * (self.prev_loss / loss)
+            if not math.isfinite(lr):
+                _skip(self, loss, f"the LR would become {lr!r}")
+                return
+            self.lr = self._clamp(lr)
         self.prev_loss = loss
 
     def _state(self) -> dict[str, Any]:
