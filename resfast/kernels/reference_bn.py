@@ -44,10 +44,11 @@ def _reduce_dims(x: Tensor) -> tuple[int, ...]:
 def _update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
 ) -> None:
-    """nn.BatchNorm2d's update: exponential average, with the unbiased variance."""
+    """nn.BatchNorm2d's update: exponential average, with the unbiased variance. Computed in the
+    statistics' dtype and rounded once to the buffers' (which may be bf16)."""
     unbiased_var = var * (count / (count - 1))
-    running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1 - momentum).add_(unbiased_var.to(running_var.dtype), alpha=momentum)
+    running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+    running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased_var * momentum)
 
 
 def forward(

@@ -85,6 +85,21 @@ def _channel_scale(mean_ptr, var_ptr, weight_ptr, c, C, eps, HAS_WEIGHT: tl.cons
 
 
 @triton.jit
+def _store(ptr, offsets, value, mask):
+    """Store fp32 `value` in the pointer's dtype, rounded to nearest-even.
+
+    bf16 is rounded by hand on the fp32 bits: a GPU's conversion rounds to nearest-even, but Triton's
+    CPU interpreter truncates; this makes both exact and identical (a few integer ops per element in
+    a memory-bound kernel). NaN is passed through unchanged.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _stats_partial_kernel(
     x_ptr,  # input, any float dtype, read through its strides
     partial_ptr,  # out: fp32 (3, splits, C): mean, M2 and count of each program's values per channel
@@ -157,8 +172,8 @@ def _stats_finalize_kernel(
         running_var = _load_channels(running_var_ptr, c, C, 0.0)
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * unbiased_var
-        tl.store(running_mean_ptr + c, new_mean.to(running_mean_ptr.dtype.element_ty), mask=c < C)
-        tl.store(running_var_ptr + c, new_var.to(running_var_ptr.dtype.element_ty), mask=c < C)
+        _store(running_mean_ptr, c, new_mean, c < C)
+        _store(running_var_ptr, c, new_var, c < C)
 
 
 @triton.jit
@@ -206,9 +221,7 @@ def _forward_apply_kernel(
         z += r.to(tl.float32)
     # ReLU written so that NaN stays NaN, as torch.relu does (max(NaN, 0) is 0 on GPUs).
     y = tl.where(z < 0.0, 0.0, z)
-    tl.store(
-        y_ptr + _offsets(n, s, c, stride_yn, stride_ys, stride_yc), y.to(y_ptr.dtype.element_ty), mask=mask
-    )
+    _store(y_ptr, _offsets(n, s, c, stride_yn, stride_ys, stride_yc), y, mask)
 
 
 @triton.jit
@@ -255,8 +268,7 @@ def _grad_partial_kernel(
         dy = tl.load(dy_ptr + _offsets(n, s, c, stride_dyn, stride_dys, stride_dyc), mask=mask, other=0.0)
         y = tl.load(y_ptr + _offsets(n, s, c, stride_yn, stride_ys, stride_yc), mask=mask, other=0.0)
         dz = tl.where(y > 0.0, dy.to(tl.float32), 0.0)
-        dz_offsets = _offsets(n, s, c, stride_dzn, stride_dzs, stride_dzc)
-        tl.store(dz_ptr + dz_offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        _store(dz_ptr, _offsets(n, s, c, stride_dzn, stride_dzs, stride_dzc), dz, mask)
         x = tl.load(x_ptr + _offsets(n, s, c, stride_xn, stride_xs, stride_xc), mask=mask, other=0.0)
         sum_dz += dz
         sum_dz_xc += dz * (x.to(tl.float32) - mean)
@@ -344,11 +356,7 @@ def _grad_input_kernel(
         x_centred = x.to(tl.float32) - _load_channels(mean_ptr, c, C, 0.0)[None, :]
         dx += x_centred * _load_channels(coef_ptr + C, c, C, 0.0)[None, :]
         dx += _load_channels(coef_ptr + 2 * C, c, C, 0.0)[None, :]
-    tl.store(
-        dx_ptr + _offsets(n, s, c, stride_dxn, stride_dxs, stride_dxc),
-        dx.to(dx_ptr.dtype.element_ty),
-        mask=mask,
-    )
+    _store(dx_ptr, _offsets(n, s, c, stride_dxn, stride_dxs, stride_dxc), dx, mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------

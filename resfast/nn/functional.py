@@ -105,7 +105,7 @@ def _kernel_module(name: str) -> ModuleType:
 
 def _select_kernels(x: Tensor, backend: str) -> ModuleType:
     """The kernel module that runs x for the requested backend (errors say why one cannot)."""
-    return _kernel_module(backends.choose(x.device, x.dtype, backend))
+    return _kernel_module(backends.choose(x.device, x.dtype, backends.validate(backend)))
 
 
 class _BatchNormAddReLUFunction(torch.autograd.Function):
