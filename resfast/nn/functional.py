@@ -92,6 +92,8 @@ def _check_inputs(
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training and math.prod(x.shape) // x.shape[1] == 1 and x.shape[1] > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
 @functools.cache
