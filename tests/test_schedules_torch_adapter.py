@@ -61,6 +61,8 @@ def test_state_dict_carries_the_schedule_state_as_plain_data():
 
 
 def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer, got None"):
+        S.as_lr_scheduler(None, S.Constant(0.1), 32)
     with pytest.raises(TypeError, match=r"schedule must be an LR schedule"):
         S.as_lr_scheduler(make_optimizer(0.1), lambda t: 0.1, 32)
     with pytest.raises(ValueError, match=r"samples_per_step must be > 0, got 0"):

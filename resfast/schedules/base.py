@@ -27,10 +27,7 @@ class Schedule(ABC):
     stateful: ClassVar[bool] = False
 
     def __call__(self, t: float) -> float:
-        t = _checks.real("t (samples seen)", t)
-        if t < 0:
-            raise ValueError(f"t (samples seen) must be >= 0, got {t!r}")
-        return self._at(t)
+        return self._at(_checks.non_negative("t (samples seen)", t))
 
     @abstractmethod
     def _at(self, t: float) -> float:

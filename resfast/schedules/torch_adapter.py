@@ -30,7 +30,8 @@ class SampleClockLR(LRScheduler):
             "schedule", schedule, LRSchedule, "an LR schedule (resfast.schedules)"
         )
         self.samples_per_step = _checks.positive("samples_per_step", samples_per_step)
-        self._ratios = lr_ratios(optimizer)
+        optimizer = _checks.instance("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer")
+        self._ratios = lr_ratios(optimizer)  # before torch's __init__, which already calls get_lr
         super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
