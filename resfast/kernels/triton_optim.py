@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from resfast.kernels import optim_coef
+
 __all__ = ["adagrad", "adam", "rmsprop", "sgd"]
 
 # Elements per program. Provisional (not yet measured on a GPU): large enough to amortise reading a
@@ -98,7 +100,7 @@ def _store(ptr, offs, value, mask):
 # Kernels. Common arguments:
 #   rows_ptr       int64 [n_rows, 2]: (tensor index, first element) of each program's chunk
 #   table_ptr      int64 [n_tensors, NCOL]: addresses of param, grad, states..., then numel
-#   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns documented per kernel
+#   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns as in resfast.kernels.optim_coef
 #   grad_scale_ptr float32 [1]: GradScaler's scale (read only if HAS_SCALE)
 #   found_inf_ptr  float32 [1]: nonzero means skip the whole update (read only if HAS_INF)
 #   DTYPE          storage dtype of every tensor in the launch; math is fp32
@@ -265,21 +267,6 @@ def _rows(numels: Sequence[int]) -> Tensor:
     return torch.stack([tensor_index, start], dim=1)
 
 
-def _coefficients(n: int, device: torch.device, columns: Sequence[float | Tensor]) -> Tensor:
-    """float32 [n, len(columns)]; each column a number, a 0-d tensor or an [n] tensor (per tensor).
-
-    Only device-side fills and copies: no host synchronisation, safe inside CUDA graph capture."""
-    coef = torch.empty(n, len(columns), dtype=torch.float32, device=device)
-    for j, value in enumerate(columns):
-        coef[:, j] = value
-    return coef
-
-
-def _step_counts(steps: Sequence[Tensor], device: torch.device) -> Tensor:
-    """The per-tensor step counts as one float64 vector (bias corrections are computed in fp64)."""
-    return torch.stack(list(steps)).to(device=device, dtype=torch.float64)
-
-
 def _launch(
     kernel: triton.JITFunction,
     tensor_lists: Sequence[Sequence[Tensor]],
@@ -325,14 +312,14 @@ def sgd(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    device = params[0].device
     has_momentum = momentum != 0
-    lists = [params, grads, momentum_buffers] if has_momentum else [params, grads]
-    # The fresh flags change only on a buffer's first step; 0.0 fills without a host-to-device copy.
-    fresh_column = torch.tensor(fresh, dtype=torch.float32) if any(fresh) else 0.0
-    coef = _coefficients(len(params), device, [lr, weight_decay, momentum, 1 - dampening, fresh_column])
+    coef = optim_coef.sgd(
+        len(params), params[0].device, lr=lr, weight_decay=weight_decay, momentum=momentum,
+        dampening=dampening, fresh=fresh,
+    )  # fmt: skip
     _launch(
-        _sgd_kernel, lists, coef, grad_scale, found_inf,
+        _sgd_kernel, [params, grads, momentum_buffers] if has_momentum else [params, grads], coef,
+        grad_scale, found_inf,
         HAS_WD=bool(weight_decay != 0), HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
     )  # fmt: skip
 
@@ -360,7 +347,15 @@ def rmsprop(
         lists.append(grad_avgs)
     if momentum > 0:
         lists.append(momentum_buffers)
-    coef = _coefficients(len(params), params[0].device, [lr, alpha, 1 - alpha, eps, weight_decay, momentum])
+    coef = optim_coef.rmsprop(
+        len(params),
+        params[0].device,
+        lr=lr,
+        alpha=alpha,
+        eps=eps,
+        weight_decay=weight_decay,
+        momentum=momentum,
+    )
     _launch(
         _rmsprop_kernel, lists, coef, grad_scale, found_inf,
         HAS_WD=weight_decay != 0, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
@@ -381,9 +376,9 @@ def adagrad(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    device = params[0].device
-    clr = lr / (1 + (_step_counts(steps, device) - 1) * lr_decay)
-    coef = _coefficients(len(params), device, [clr, weight_decay, eps])
+    coef = optim_coef.adagrad(
+        steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
+    )
     _launch(
         _adagrad_kernel, [params, grads, state_sums], coef, grad_scale, found_inf,
         HAS_WD=weight_decay != 0, MAXIMIZE=maximize,
@@ -409,13 +404,13 @@ def adam(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
 ) -> None:
-    device = params[0].device
-    step = _step_counts(steps, device)
-    wd_mode = 0 if weight_decay == 0 else 2 if decoupled_weight_decay else 1
-    wd_column = 1 - lr * weight_decay if wd_mode == 2 else weight_decay
-    columns = [lr / (1 - beta1**step), (1 - beta2**step).sqrt(), 1 - beta1, beta2, 1 - beta2, eps, wd_column]
+    coef = optim_coef.adam(
+        steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled=decoupled_weight_decay,
+    )  # fmt: skip
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     _launch(
-        _adam_kernel, lists, _coefficients(len(params), device, columns), grad_scale, found_inf,
-        WD_MODE=wd_mode, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        _adam_kernel, lists, coef, grad_scale, found_inf,
+        WD_MODE=optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay), AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
     )  # fmt: skip

@@ -27,6 +27,8 @@ from resfast import backends
 _KERNEL_MODULES = {
     "reference": "resfast.kernels.reference_optim",
     "triton": "resfast.kernels.triton_optim",
+    "cpu": "resfast.kernels.cext",
+    "cuda": "resfast.kernels.cext",
 }
 
 
