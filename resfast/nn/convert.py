@@ -80,7 +80,7 @@ def _fuse_stem(model: nn.Module, backend: str) -> None:
     """bn1 -> relu of a ResNet's stem: bn1 fused, relu (used by the stem only) made an identity."""
     if _fusable(model, 1):
         model.bn1 = BatchNormAddReLU.from_batchnorm(model.bn1, backend)
-        model.relu = nn.Identity()
+        model.relu = nn.Identity().train(model.training)
 
 
 def fuse_resnet(model: nn.Module, *, backend: str = "auto") -> nn.Module:
