@@ -1,0 +1,405 @@
+"""One optimizer step: resfast's backends against every PyTorch path, on real parameter lists.
+
+Cases: each optimizer (SGD with momentum, RMSprop, Adagrad, Adam, AdamW) × parameter list
+(torchvision ResNet-18 / ResNet-50 shapes, CIFAR ResNet-20 shapes, one flat tensor) × dtype.
+Paths: torch's for-loop (foreach=False), foreach, fused (where torch has it for that device and
+dtype: found by trying), ``torch.compile`` of the step, and resfast with every backend available here.
+
+Before timing, every path takes CHECK_STEPS steps from the same params, grads and fresh state and is
+compared, on the params and every state tensor, with resfast's `reference` backend (the readable
+spec). A path that disagrees is reported WRONG and is not timed.
+
+Bytes: a step reads param, grad and every state and writes param and every state, so
+(3 + 2 * states) * itemsize per element (fp32: SGD-momentum 20 B, Adam 28 B). Per-tensor scalars
+(step counters) are left out: < 0.01% of any list here.
+
+    python benchmarks/bench_optim.py --device cpu
+    python benchmarks/bench_optim.py --device cuda --optimizer adam --params resnet50 --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+if __package__ in (None, ""):  # run as a file: make the repository (benchmarks, resfast) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import resfast.optim
+from benchmarks import common
+from resfast import backends
+
+Shape = tuple[int, ...]
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizers and their byte counts
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    label: str
+    cls: str  # the class name, in torch.optim and in resfast.optim
+    kwargs: Mapping[str, Any]
+    # The per-element state tensors a step reads and writes (torch's state keys, `step` aside).
+    states: tuple[str, ...]
+
+
+# Learning rates are large next to the params (scale 0.01, see make_case) so that any error in the
+# update shows in the check, in bf16 too; the timing does not depend on the values.
+OPTIMIZERS: dict[str, OptimSpec] = {
+    "sgd": OptimSpec("SGD-momentum", "SGD", {"lr": 0.1, "momentum": 0.9}, ("momentum_buffer",)),
+    "rmsprop": OptimSpec("RMSprop", "RMSprop", {"lr": 1e-2}, ("square_avg",)),
+    "adagrad": OptimSpec("Adagrad", "Adagrad", {"lr": 1e-2}, ("sum",)),
+    "adam": OptimSpec("Adam", "Adam", {"lr": 1e-2}, ("exp_avg", "exp_avg_sq")),
+    "adamw": OptimSpec("AdamW", "AdamW", {"lr": 1e-2, "weight_decay": 1e-2}, ("exp_avg", "exp_avg_sq")),
+}
+
+
+def step_bytes(spec: OptimSpec, numel: int, dtype: torch.dtype) -> int:
+    """Minimal bytes of one step over `numel` elements: param, grad and states read, param and
+    states written; grads and states have the param's dtype, as in torch."""
+    n = len(spec.states)
+    return common.elementwise_bytes(numel, dtype.itemsize, reads=2 + n, writes=1 + n)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter lists
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSet:
+    shapes: list[Shape]
+    source: str  # where the shapes come from, written in every row
+
+
+RESNET50_NUMEL = 25_557_032  # torchvision resnet50's parameter count (tested against torchvision)
+
+
+def _torchvision(arch: str) -> ParamSet:
+    try:
+        import torchvision
+    except ImportError as e:
+        raise common.Skip(f"torchvision cannot be imported ({e}): {arch} shapes unavailable") from None
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = getattr(torchvision.models, arch)()
+    return ParamSet([tuple(p.shape) for p in model.parameters()], f"torchvision {arch}")
+
+
+def resnet20_shapes() -> list[Shape]:
+    """CIFAR ResNet-20 of He et al. 2016 (section 4.2): a 16-filter 3x3 stem, three stages of three
+    BasicBlocks at 16/32/64 filters, parameter-free (option A) shortcuts, a 64 -> 10 linear layer:
+    59 tensors, 269,722 parameters. Used when resfast.nn.cifar cannot be imported."""
+    shapes: list[Shape] = [(16, 3, 3, 3), (16,), (16,)]
+    cin = 16
+    for width in (16, 32, 64):
+        for _ in range(3):
+            shapes += [(width, cin, 3, 3), (width,), (width,), (width, width, 3, 3), (width,), (width,)]
+            cin = width
+    return [*shapes, (10, 64), (10,)]
+
+
+def _cifar_resnet20() -> ParamSet:
+    build, why = common.optional_attr("resfast.nn.cifar", "resnet20")
+    if build is None:
+        return ParamSet(resnet20_shapes(), f"local ResNet-20 shape list (resfast.nn.cifar: {why})")
+    with torch.device("meta"):
+        model = build()
+    return ParamSet([tuple(p.shape) for p in model.parameters()], "resfast.nn.cifar resnet20")
+
+
+# Smoke: 1-element, odd and multi-block (> 1024 elements) tensors, few enough for the Triton interpreter.
+_TINY = [(16, 3, 3, 3), (10,), (7,), (1,), (1100,)]
+
+PARAM_SETS: dict[str, Callable[[], ParamSet]] = {
+    "resnet18": functools.partial(_torchvision, "resnet18"),
+    "resnet50": functools.partial(_torchvision, "resnet50"),
+    "cifar-resnet20": _cifar_resnet20,
+    "flat": lambda: ParamSet([(RESNET50_NUMEL,)], "one tensor, as many elements as resnet50"),
+    "flat-16m": lambda: ParamSet([(1 << 24,)], "one tensor of 2^24 elements"),
+    "tiny": lambda: ParamSet(list(_TINY), "smoke-test shapes"),
+}
+# CPU: 2 cores take ~1 s per step of torch's for-loop Adam over ResNet-18's 11.7M params; the
+# default CPU run keeps to ResNet-20 and a flat tensor whose state (>= 128 MB) is well past the 32 MB L3.
+DEFAULT_PARAMS = {
+    "cuda": ["resnet18", "resnet50", "cifar-resnet20", "flat"],
+    "cpu": ["cifar-resnet20", "flat-16m"],
+    "smoke": ["tiny"],
+}
+
+# ----------------------------------------------------------------------------------------------------
+# Cases and the correctness check
+# ----------------------------------------------------------------------------------------------------
+
+CHECK_STEPS = 3  # the first step creates state (SGD copies the grad); later ones update it
+# Tolerance against the reference, per tensor, in units of the dtype's epsilon times the tensor's
+# largest value. Correct paths differ from it only by rounding: op order and FMA contraction in fp32,
+# and in bf16 the intermediates torch's non-fused paths round to bf16 where the reference rounds
+# once. Both measured <= 2 here after 3 steps; 8 leaves room, and an lr 10% off shows as ~10^6 in
+# fp32 and >= 8 in bf16.
+ULPS = 8
+
+
+@dataclass
+class Case:
+    spec: OptimSpec
+    params_name: str
+    pset: ParamSet
+    dtype: torch.dtype
+    device: torch.device
+    params: list[Tensor]
+    grads: list[Tensor]
+    reference: dict[str, Tensor]
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.spec.label,
+            "params": self.params_name,
+            "dtype": common.DTYPE_SHORT[self.dtype],
+            "n_tensors": len(self.params),
+            "numel": sum(p.numel() for p in self.params),
+            "source": self.pset.source,
+        }
+
+    def nbytes(self) -> int:
+        return step_bytes(self.spec, sum(p.numel() for p in self.params), self.dtype)
+
+    def fresh(self) -> list[Tensor]:
+        """Copies of the case's params with their grads attached: every path starts from these."""
+        params = [p.clone() for p in self.params]
+        for p, g in zip(params, self.grads, strict=True):
+            p.grad = g.clone()
+        return params
+
+
+def make_case(
+    spec: OptimSpec, params_name: str, pset: ParamSet, dtype: torch.dtype, device: torch.device
+) -> Case:
+    gen = torch.Generator().manual_seed(0)
+    # Random, never zero (zeros hide unwritten outputs); drawn in fp32 on the CPU so that every
+    # device and dtype starts from the same values.
+    params = [(torch.randn(s, generator=gen) * 0.01).to(device, dtype) for s in pset.shapes]
+    grads = [(torch.randn(s, generator=gen) * 0.1).to(device, dtype) for s in pset.shapes]
+    case = Case(spec, params_name, pset, dtype, device, params, grads, reference={})
+    ref_params = case.fresh()
+    ref = getattr(resfast.optim, spec.cls)(ref_params, backend="reference", **spec.kwargs)
+    for _ in range(CHECK_STEPS):
+        ref.step()
+    case.reference = snapshot(ref, ref_params)
+    return case
+
+
+def snapshot(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Every param and every tensor in its state, by name (p<i>, p<i>.<state key>)."""
+    out: dict[str, Tensor] = {}
+    for i, p in enumerate(params):
+        out[f"p{i}"] = p.detach()
+        for key, value in opt.state[p].items():
+            if isinstance(value, Tensor):
+                out[f"p{i}.{key}"] = value.detach()
+    return out
+
+
+def compare(got: Mapping[str, Tensor], want: Mapping[str, Tensor], dtype: torch.dtype) -> str | None:
+    """None if `got` matches the reference within ULPS (step counters exactly), else what differs."""
+    if got.keys() != want.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        return f"state tensors differ from the reference: missing {missing[:3]}, unexpected {extra[:3]}"
+    errors = {k: common.max_rel_err(got[k], want[k]) for k in want}
+    bounds = {k: 0.0 if k.endswith(".step") else ULPS * common.eps(dtype) for k in want}
+    return common.failures(errors, bounds)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    device: torch.device
+    smoke: bool
+    compile_skip: str | None  # why torch.compile rows are not run, or None
+
+
+@dataclass
+class Built:
+    opt: torch.optim.Optimizer
+    step: Callable[[], object]
+    describe: Callable[[], str] = lambda: ""
+
+
+def _torch(spec: OptimSpec, params: list[Tensor], ctx: Context, **flags: Any) -> Built:
+    opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs, **flags)
+    return Built(opt, opt.step)
+
+
+def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
+    # Whether torch has a fused kernel for this optimizer, device and dtype: try one on a probe.
+    probe = torch.ones(3, device=params[0].device, dtype=params[0].dtype)
+    probe.grad = torch.ones_like(probe)
+    try:
+        getattr(torch.optim, spec.cls)([probe], fused=True, **spec.kwargs).step()
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise common.Skip(
+            f"torch has no fused {spec.cls} for {params[0].dtype} on {ctx.device.type}: {e}"
+        ) from None
+    return _torch(spec, params, ctx, fused=True)
+
+
+def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
+    if ctx.compile_skip:
+        raise common.Skip(ctx.compile_skip)
+    # torch's default implementation choice (foreach on CUDA), compiled as torch's tutorial does.
+    opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs)
+
+    def step() -> None:
+        opt.step()
+
+    return Built(opt, common.compiled(step), common.compile_stats)
+
+
+def _resfast(spec: OptimSpec, params: list[Tensor], ctx: Context, backend: str) -> Built:
+    if backend == "triton" and ctx.device.type == "cpu" and not ctx.smoke:
+        raise common.Skip(
+            "triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): run with --smoke"
+        )
+    backends.choose(ctx.device, params[0].dtype, backend)  # BackendUnavailable (a SKIP row) says why not
+    opt = getattr(resfast.optim, spec.cls)(params, backend=backend, **spec.kwargs)
+    return Built(opt, opt.step)
+
+
+Builder = Callable[[OptimSpec, list[Tensor], Context], Built]
+BUILDERS: dict[str, Builder] = {
+    "torch-forloop": functools.partial(_torch, foreach=False),
+    "torch-foreach": functools.partial(_torch, foreach=True),
+    "torch-fused": _torch_fused,
+    "torch-compile": _torch_compiled,
+    **{
+        f"resfast-{b}": functools.partial(_resfast, backend=b) for b in ("cuda", "triton", "cpu", "reference")
+    },
+}
+TORCH_PATHS = ("torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
+
+
+def trial(case: Case, build: Builder, ctx: Context) -> common.Trial:
+    params = case.fresh()
+    built = build(case.spec, params, ctx)
+
+    def check() -> str | None:
+        for _ in range(CHECK_STEPS):
+            built.step()
+        return compare(snapshot(built.opt, params), case.reference, case.dtype)
+
+    return common.Trial(step=built.step, check=check, describe=built.describe)
+
+
+def run_case(
+    case: Case, builders: Mapping[str, Builder], ctx: Context, budget: common.Budget, copy_gbps: float
+) -> list[dict]:
+    """One row per path: checked against the reference, then timed if it agrees."""
+    rows = []
+    for name, build in builders.items():
+        outcome = common.evaluate(lambda b=build: trial(case, b, ctx), ctx.device, budget)
+        rows.append(common.outcome_row(case.columns(), name, outcome, case.nbytes(), copy_gbps))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+CASE_COLUMNS = ("optimizer", "params", "dtype", "n_tensors", "numel", "source")
+TABLE = [
+    common.col("optimizer"),
+    common.col("params"),
+    common.col("dtype"),
+    common.col("path"),
+    common.status_column(),
+    common.ms_column(),
+    common.col("gbps", "GB/s", ".1f"),
+    common.col("pct_copy", "% copy", ".0f"),
+    common.col("speedup", "x best torch", ".2f"),
+]
+CHART = common.Chart(
+    ("params", "dtype"), ("optimizer",), "pct_copy", "% of copy bandwidth (higher is better)"
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--optimizer",
+        type=common.choice_list(tuple(OPTIMIZERS), "optimizer"),
+        default=list(OPTIMIZERS),
+        help=f"comma-separated: {', '.join(OPTIMIZERS)} (default: all)",
+    )
+    p.add_argument(
+        "--params",
+        type=common.choice_list(tuple(PARAM_SETS), "parameter list"),
+        default=None,
+        help=f"comma-separated: {', '.join(PARAM_SETS)} (default depends on device)",
+    )
+    common.add_paths_option(p, tuple(BUILDERS))
+    args = common.finish_args(p.parse_args(argv))
+    if args.params is None:
+        args.params = DEFAULT_PARAMS["smoke" if args.smoke else args.device.type]
+    return args
+
+
+def _header_lines(ctx: Context, sets: Mapping[str, ParamSet], dtypes: Sequence[torch.dtype]) -> list[str]:
+    auto = ", ".join(f"{common.DTYPE_SHORT[d]}: {backends.choose(ctx.device, d, 'auto')}" for d in dtypes)
+    lines = [f"resfast backend='auto' here -> {auto}"]
+    for name, s in sets.items():
+        lines.append(
+            f"params {name}: {len(s.shapes)} tensors, {sum(map(_numel, s.shapes)):,} elements ({s.source})"
+        )
+    lines.append(
+        f"check: {CHECK_STEPS} steps from identical state vs resfast's reference backend, every param and "
+        f"state within {ULPS} eps(dtype) x the tensor's largest value; "
+        "bytes/element = (3 + 2 x states) x itemsize"
+    )
+    return lines
+
+
+def _numel(shape: Shape) -> int:
+    return int(torch.Size(shape).numel())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = Context(args.device, args.smoke, common.compile_skip_reason(args))
+    budget = common.Budget().smoke() if args.smoke else common.Budget()
+    env, copy_gbps = common.start(args.device, args.smoke)
+    report = common.Report("optim", env, copy_gbps, args.out, CASE_COLUMNS)
+    builders = {
+        name: BUILDERS[name] for name in args.paths or common.default_paths(tuple(BUILDERS), args.device)
+    }
+    sets: dict[str, ParamSet] = {}
+    for params_name in args.params:
+        try:
+            sets[params_name] = PARAM_SETS[params_name]()
+        except common.Skip as e:
+            print(f"skipping params {params_name}: {e}")
+            continue
+        for dtype in args.dtypes:
+            for opt_name in args.optimizer:
+                case = make_case(OPTIMIZERS[opt_name], params_name, sets[params_name], dtype, args.device)
+                report.add(run_case(case, builders, ctx, budget, copy_gbps), TORCH_PATHS)
+                del case
+                common.release(args.device)
+    report.finish(TABLE, CHART, _header_lines(ctx, sets, args.dtypes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
