@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 # How a test tensor sits in memory:
 # - nchw: contiguous.
@@ -102,3 +102,63 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and all(
         sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n > 1
     )
+
+
+def model_results(model: torch.nn.Module, x: Tensor, training: bool) -> dict[str, Tensor]:
+    """Output, every parameter's gradient and every buffer after one forward and backward."""
+    model.train(training)
+    out = model(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype))
+    results = {"output": out.detach()}
+    results |= {f"{name}.grad": p.grad for name, p in model.named_parameters()}
+    return results | dict(model.named_buffers())
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """Max error over the largest magnitude: activations and gradients of deep nets span many
+    scales, and what matters is the error against the tensor's own scale."""
+    return max_error(actual, expected) / max(expected.abs().max().item(), 1e-30)
+
+
+def assert_results_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in actual.items():
+        assert torch.isfinite(value).all(), f"{name}: non-finite values"
+        if value.is_floating_point():
+            err = relative_error(value, expected[name])
+            assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g}"
+        else:
+            assert torch.equal(value, expected[name]), name
+
+
+def assert_results_as_accurate(
+    actual: dict[str, Tensor], torch_same_dtype: dict[str, Tensor], truth: dict[str, Tensor], floor: float
+) -> None:
+    """Each result's relative error against the float64 truth is at most 2x that of PyTorch's unfused
+    model in the same dtype, plus `floor` (for when PyTorch happens to be nearly exact)."""
+    assert actual.keys() == truth.keys()
+    for name, value in actual.items():
+        assert torch.isfinite(value).all(), f"{name}: non-finite values"
+        if not value.is_floating_point():
+            assert torch.equal(value, truth[name]), name
+            continue
+        err, torch_err = (
+            relative_error(value, truth[name]),
+            relative_error(torch_same_dtype[name], truth[name]),
+        )
+        assert err <= 2 * torch_err + floor, (
+            f"{name}: relative error {err:.3g} > 2 x torch's {torch_err:.3g} + {floor:g}"
+        )
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial affine parameters and running stats, so eval mode and the ReLU masks are tested."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.2, generator=gen)
+                m.running_mean.normal_(0, 0.2, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return model
