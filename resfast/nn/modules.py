@@ -23,7 +23,8 @@ class BatchNormAddReLU(_BatchNorm):
     checkpoints without num_batches_tracked, and code that looks for "a BatchNorm" (e.g. to exclude
     it from weight decay) still finds it; but code that rewrites `nn.BatchNorm2d` specifically, such
     as conv-bn folding, does not mistake it for a plain BatchNorm and silently drop the add and ReLU.
-    (`nn.SyncBatchNorm.convert_sync_batchnorm` does convert `_BatchNorm`s: convert before fusing.)
+    (`nn.SyncBatchNorm.convert_sync_batchnorm` does convert `_BatchNorm`s, into modules that take no
+    residual: a fused model then fails on its first forward; see docs/bn.md.)
     """
 
     def __init__(
