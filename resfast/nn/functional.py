@@ -107,7 +107,19 @@ def _kernel_module(name: str) -> ModuleType:
 
 def _select_kernels(x: Tensor, backend: str) -> ModuleType:
     """The kernel module that runs x for the requested backend (errors say why one cannot)."""
-    return _kernel_module(backends.choose(x.device, x.dtype, backends.validate(backend)))
+    name = backends.choose(x.device, x.dtype, backends.validate(backend))
+    if backend == "auto" and name not in _KERNEL_MODULES:
+        # auto chose the native extension, which has no kernels for this op: take auto's next choice.
+        name = "triton" if x.device.type == "cuda" and _can_run("triton", x) else "reference"
+    return _kernel_module(name)
+
+
+def _can_run(backend: str, x: Tensor) -> bool:
+    try:
+        backends.choose(x.device, x.dtype, backend)
+    except backends.BackendUnavailable:
+        return False
+    return True
 
 
 class _BatchNormAddReLUFunction(torch.autograd.Function):
