@@ -1,0 +1,3 @@
+from resfast.train import main
+
+main()

@@ -1,0 +1,140 @@
+"""From a Config to the objects a run trains: model, optimizer and the schedule `Plan`."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+import resfast.optim
+from resfast import backends, schedules
+from resfast.nn import cifar, fuse_resnet
+from resfast.train.config import CIFAR_DEPTHS, Config
+
+__all__ = ["make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
+
+_OPTIMIZERS = {"sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW"}
+_LR_SCHEDULES: dict[str, type[schedules.LRSchedule]] = {
+    "constant": schedules.Constant,
+    "step": schedules.Step,
+    "multistep": schedules.MultiStep,
+    "exponential": schedules.Exponential,
+    "polynomial": schedules.Polynomial,
+    "inverse_time": schedules.InverseTime,
+    "cosine": schedules.Cosine,
+    "onecycle": schedules.OneCycle,
+    "loss_backoff": schedules.LossBackoff,
+    "plateau": schedules.Plateau,
+}
+_BATCH_SCHEDULES: dict[str, type[schedules.BatchSchedule]] = {
+    "constant": schedules.ConstantBatch,
+    "step": schedules.StepBatch,
+    "linear": schedules.LinearBatch,
+    "polynomial": schedules.PolynomialBatch,
+    "coupled": schedules.CoupledBatch,
+    "noise": schedules.NoiseScaleBatch,
+}
+_EPOCHS = re.compile(r"^\s*([0-9.eE+-]+)\s*ep\s*$")
+
+
+def uses_fused_bn(cfg: Config, device: torch.device) -> bool:
+    """Whether the run fuses BatchNorm + add + ReLU (see the fuse_bn help for 'auto')."""
+    if cfg.fuse_bn == "auto":
+        return cfg.impl == "resfast" and device.type == "cuda"
+    return cfg.fuse_bn == "on"
+
+
+def make_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The model on ``device`` (weights from the global RNG: seed it first), fused if the run says so."""
+    depth = int(cfg.model.removeprefix("resnet"))
+    if depth in CIFAR_DEPTHS:
+        model: nn.Module = cifar.CifarResNet(depth, num_classes)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, cfg.model)(weights=None, num_classes=num_classes)
+    if uses_fused_bn(cfg, device):
+        model = fuse_resnet(model, backend=cfg.bn_backend)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def optimizer_backend(cfg: Config, device: torch.device) -> str | None:
+    """The resfast backend the optimizer runs on fp32 params of ``device`` (None for --impl torch).
+
+    Asking here, before training, turns an unavailable ``--backend`` into an error that says why.
+    """
+    return None if cfg.impl == "torch" else backends.choose(device, torch.float32, cfg.backend)
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    module: Any = resfast.optim if cfg.impl == "resfast" else torch.optim
+    cls = getattr(module, _OPTIMIZERS[cfg.optimizer])
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer in ("sgd", "rmsprop"):
+        kwargs["momentum"] = cfg.momentum
+    if cfg.optimizer == "sgd":
+        kwargs["nesterov"] = cfg.nesterov and cfg.momentum > 0
+    kwargs |= cfg.optimizer_args
+    if cfg.impl == "resfast":
+        kwargs["backend"] = cfg.backend
+    try:
+        return cls(model.parameters(), **kwargs)
+    except TypeError as e:
+        raise TypeError(f"optimizer {cfg.optimizer} with {kwargs}: {e}") from None
+
+
+def _samples(value: Any, epoch: int) -> Any:
+    """A schedule argument with every "<x>ep" turned into x epochs of ``epoch`` samples."""
+    if isinstance(value, list):
+        return [_samples(v, epoch) for v in value]
+    if isinstance(value, str) and (match := _EPOCHS.match(value)):
+        return float(match.group(1)) * epoch
+    return value
+
+
+def _build(kind: str, cls: type, first: dict[str, Any], args: dict[str, Any], run: int, epoch: int) -> Any:
+    """``cls(**first, **args)`` with lengths converted, and ``total`` defaulting to the whole run."""
+    params = inspect.signature(cls).parameters
+    kwargs = first | {k: _samples(v, epoch) for k, v in args.items()}
+    if "total" in params and "total" not in kwargs:
+        kwargs["total"] = run
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise TypeError(f"{kind} {cls.__name__}{inspect.signature(cls)} with {kwargs}: {e}") from None
+
+
+def make_plan(cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> schedules.Plan:
+    """The LR and batch schedules of ``cfg`` on the sample clock; ``epoch`` is the training set's size."""
+    run = cfg.epochs * epoch
+    lr_cls = _LR_SCHEDULES[cfg.lr_schedule]
+    first_param = next(iter(inspect.signature(lr_cls).parameters))  # base, value or max_lr
+    main = _build("lr schedule", lr_cls, {first_param: cfg.lr}, cfg.lr_args, run, epoch)
+    lr: schedules.LRSchedule = main
+    if cfg.warmup_epochs > 0:
+        lr = schedules.Warmup(main, cfg.warmup_epochs * epoch, cfg.warmup_start_factor)
+
+    args = dict(cfg.batch_args)
+    batch_cls = _BATCH_SCHEDULES[cfg.batch_schedule]
+    if batch_cls is schedules.CoupledBatch:
+        first = {"lr_schedule": main, "base_size": cfg.batch_size}
+        if args.get("mode") == "inverse" and cfg.warmup_epochs > 0:
+            # The Plan holds the LR at lr(0) only when given the very schedule the batch follows.
+            raise ValueError(
+                "batch_schedule coupled with mode=inverse holds the LR at its start and grows the batch "
+                "instead; it takes no warmup: set warmup_epochs = 0"
+            )
+    elif batch_cls is schedules.NoiseScaleBatch:
+        estimator = schedules.GradientNoiseScale(**({"beta": args.pop("beta")} if "beta" in args else {}))
+        first = {"base_size": cfg.batch_size, "estimator": estimator}
+    else:
+        first = {next(iter(inspect.signature(batch_cls).parameters)): cfg.batch_size}
+    batch = _build("batch schedule", batch_cls, first, args, run, epoch)
+    scaling = None if cfg.lr_scaling == "none" else cfg.lr_scaling
+    return schedules.Plan(optimizer, lr, batch, lr_scaling=scaling, base_batch=cfg.base_batch or None)

@@ -1,0 +1,267 @@
+"""The training run: build everything from a Config, train epoch by epoch, evaluate, checkpoint, report.
+
+Every step's loss is the *sum* over this rank's samples times ``world_size / global batch``: with DDP
+averaging gradients over ranks, that is exactly the gradient of the mean loss over the global batch,
+also for the last batch of an epoch, whose shares differ by one sample between ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from resfast import backends
+from resfast.schedules import NoiseScaleBatch, Plan
+from resfast.train import build, checkpoint, distributed, report
+from resfast.train.config import Config
+from resfast.train.data import Data, InMemory, load
+
+__all__ = ["run"]
+
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MASK32 = 0xFFFFFFFF
+
+
+def augment_seed(seed: int, samples: int, world_size: int, rank: int) -> int:
+    """The augmentation seed of the batch that starts at ``samples`` on ``rank``.
+
+    A function of the clock, so a resumed run augments as the interrupted one did, with no state to
+    save. torch's CPU generator keeps 32 bits of a seed; ``samples * world_size + rank`` is unique
+    per batch and rank below 2**32 (~4e9 samples times ranks), and adding the scrambled seed keeps
+    that map one-to-one.
+    """
+    return (samples * world_size + rank + seed * 0x9E3779B1) & _MASK32
+
+
+@dataclass
+class Run:
+    """What one epoch needs, built once."""
+
+    cfg: Config
+    dist: distributed.Dist
+    device: torch.device
+    data: Data
+    model: nn.Module  # the module itself: evaluation and checkpoints use it
+    net: nn.Module  # what training calls: the model, wrapped by DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    plan: Plan
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoader[Any]
+    test_loader: DataLoader[Any]
+
+    def batches(self, loader: DataLoader[Any]) -> Any:
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def prepare(self, images: Tensor, seed: int | None) -> Tensor:
+        x = self.data.transform(images, augment_seed=seed)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+
+    def forward(self, net: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed loss in fp32, number of correct predictions), under autocast when --amp asks."""
+        dtype = _AMP[self.cfg.amp]
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=self.cfg.label_smoothing)
+        return loss, (logits.argmax(1) == y).sum()
+
+
+def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """One optimizer step on this rank's share of a global batch; returns (summed loss, correct)."""
+    ws = run.dist.world_size
+    global_n: Tensor | int = len(y)
+    if ws > 1:
+        global_n = run.dist.sum(torch.tensor(len(y), device=run.device))
+    noise = run.plan.batch_schedule if isinstance(run.plan.batch_schedule, NoiseScaleBatch) else None
+    # NoiseScaleBatch needs the gradient's norm at two batch sizes: the step then runs as two
+    # accumulated halves, measured after the first (this rank's half) and after both (global batch).
+    halves = noise is not None and int(global_n) >= 2 * ws
+    cut = len(y) // 2 if halves else len(y)
+    chunks = [(x[:cut], y[:cut]), (x[cut:], y[cut:])] if halves else [(x, y)]
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+    for i, (xc, yc) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or ws == 1 else run.net.no_sync()  # type: ignore[operator]
+        with sync:
+            loss, right = run.forward(run.net, xc, yc)
+            run.scaler.scale(loss * ws / global_n).backward()
+        loss_sum, correct = loss_sum + loss.detach(), correct + right
+        if halves:
+            unscale = 1.0 / run.scaler.get_scale()
+            if not last:  # grads of this half's summed loss times ws / global_n: rescale to its mean
+                small = _grad_sq_norm(run.model) * (unscale * int(global_n) / (ws * cut)) ** 2
+                small = float(run.dist.sum(small)) / ws  # every rank's estimate, averaged: all agree
+            else:
+                big = float(_grad_sq_norm(run.model)) * unscale**2
+                noise.estimator.update(small, cut, big, int(global_n))  # type: ignore[union-attr]
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss_sum, correct
+
+
+def _grad_sq_norm(model: nn.Module) -> Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).float() ** 2
+
+
+def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
+    cfg, plan, dist = run.cfg, run.plan, run.dist
+    run.net.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, correct, samples (this rank)
+    bar = report.Bar(cfg.progress and dist.main, progress.epoch + 1, cfg.epochs, len(run.data.train))  # type: ignore[arg-type]
+    # Reading the loss for the bar waits for the GPU: there, only every 20 steps.
+    refresh = 1 if run.device.type == "cpu" else 20
+    shown: dict[str, Any] = {}
+    start_time = time.perf_counter()
+    for step, (images, labels) in enumerate(run.batches(run.train_loader), 1):
+        start, lr = plan.samples, plan.lr
+        seed = augment_seed(cfg.seed, start, dist.world_size, dist.rank) if cfg.augment else None
+        loss, correct = _train_step(run, run.prepare(images, seed), labels)
+        plan.step()
+        batch = plan.samples - start  # the global batch just trained (the sampler told the plan)
+        progress.trace.append([start, lr, batch])
+        sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), device=run.device)])
+        if step % refresh == 0:
+            shown |= {"loss": f"{float(sums[0] / sums[2]):.4f}", "acc": f"{float(sums[1] / sums[2]):.2%}"}
+        bar.update(batch, **(shown | {"lr": f"{plan.lr:.4g}", "batch": batch}))
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # the GPU's work belongs to this epoch's time
+    seconds = time.perf_counter() - start_time
+    loss_sum, correct, count = dist.sum(sums).tolist()
+    bar.close(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}", lr=f"{plan.lr:.4g}")
+    return {"train_loss": loss_sum / count, "train_acc": correct / count, "epoch_time_s": seconds}
+
+
+@torch.no_grad()
+def _evaluate(run: Run) -> dict[str, float]:
+    run.model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    for images, labels in run.batches(run.test_loader):
+        loss, correct = run.forward(run.model, run.prepare(images, None), labels)
+        sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), device=run.device)])
+    loss_sum, correct, count = run.dist.sum(sums).tolist()
+    return {"test_loss": loss_sum / count, "test_acc": correct / count}
+
+
+def _loaders(cfg: Config, data: Data, plan: Plan, dist: distributed.Dist) -> tuple[DataLoader, DataLoader]:
+    # In-memory data is gathered a batch at a time on the device already: worker processes would only
+    # add copies (and cannot share GPU tensors).
+    workers = 0 if isinstance(data.train, InMemory) else cfg.workers
+    sampler = plan.batch_sampler(len(data.train), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "collate_fn": data.collate,
+        "persistent_workers": workers > 0,
+    }
+    train = DataLoader(data.train, batch_sampler=sampler, **common)
+    # Each rank evaluates every world_size-th test sample; the sums are then added over ranks.
+    shard = range(dist.rank, len(data.test), dist.world_size)  # type: ignore[arg-type]
+    test = DataLoader(data.test, sampler=shard, batch_size=cfg.eval_batch_size, **common)
+    return train, test
+
+
+def _wrap(cfg: Config, model: nn.Module, dist: distributed.Dist, device: torch.device) -> nn.Module:
+    net = model
+    if dist.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
+    return torch.compile(net) if cfg.compile else net  # type: ignore[return-value]
+
+
+def _summary(run: Run, progress: checkpoint.Progress, wall: float) -> dict[str, Any]:
+    cfg, device, last = run.cfg, run.device, progress.history[-1]
+    fused = build.uses_fused_bn(cfg, device)
+    return {
+        "test_acc": last["test_acc"],
+        "test_loss": last["test_loss"],
+        "train_acc": last["train_acc"],
+        "train_loss": last["train_loss"],
+        "train_time_s": progress.train_time_s,
+        "wall_time_s": wall,
+        "img_per_s": run.plan.samples / progress.train_time_s,
+        "epochs": progress.epoch,
+        "samples": run.plan.samples,
+        "steps": run.plan.steps,
+        "optimizer": cfg.optimizer,
+        "impl": cfg.impl,
+        "backend": build.optimizer_backend(cfg, device),
+        "fuse_bn": fused,
+        "bn_backend": backends.choose(device, torch.float32, cfg.bn_backend) if fused else None,
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "amp": cfg.amp,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "world_size": run.dist.world_size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "out": cfg.out,
+        "config": cfg.to_dict(),
+    }
+
+
+def run(cfg: Config) -> dict[str, Any] | None:
+    """Train as ``cfg`` says. Rank 0 writes <out>/summary.json and returns the summary; others None."""
+    dist, device = distributed.setup(cfg.device)
+    try:
+        return _run(cfg, dist, device)
+    finally:
+        dist.close()
+
+
+def _run(cfg: Config, dist: distributed.Dist, device: torch.device) -> dict[str, Any] | None:
+    wall_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    # Read the checkpoint before building or writing anything: a bad one stops the run untouched.
+    ckpt = checkpoint.load(ckpt_path, cfg) if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+    data = load(cfg).to(device)
+    model = build.make_model(cfg, data.num_classes, device)
+    build.optimizer_backend(cfg, device)  # an unavailable --backend fails here, before training
+    optimizer = build.make_optimizer(cfg, model)
+    plan = build.make_plan(cfg, optimizer, len(data.train))  # type: ignore[arg-type]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    progress = checkpoint.restore(ckpt, model, optimizer, plan, scaler) if ckpt else checkpoint.Progress()
+    train_loader, test_loader = _loaders(cfg, data, plan, dist)
+    net = _wrap(cfg, model, dist, device)
+    run = Run(cfg, dist, device, data, model, net, optimizer, plan, scaler, train_loader, test_loader)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    while progress.epoch < cfg.epochs:
+        record = _train_epoch(run, progress)
+        progress.train_time_s += record["epoch_time_s"]
+        record |= _evaluate(run)
+        # Loss-driven schedules (plateau, loss_backoff) see the epoch's training loss: the test set
+        # stays out of every decision.
+        plan.observe(record["train_loss"])
+        progress.epoch += 1
+        progress.history.append(
+            {"epoch": progress.epoch, "samples": plan.samples, "steps": plan.steps}
+            | record
+            | {"lr": plan.lr, "batch_size": plan.batch_size, "train_time_s": progress.train_time_s}
+        )
+        if dist.main:
+            checkpoint.save(ckpt_path, cfg, model, optimizer, plan, scaler, progress)
+            report.write_metrics(out / "metrics.jsonl", progress.history)
+    if not dist.main:
+        return None
+    summary = _summary(run, progress, time.perf_counter() - wall_start)
+    report.plot_curves(out / "curves.png", progress.history, progress.trace)
+    report.write_json(out / "summary.json", summary)
+    return summary
