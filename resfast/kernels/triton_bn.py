@@ -224,6 +224,18 @@ def _forward_apply_kernel(
     _store(y_ptr, _offsets(n, s, c, stride_yn, stride_ys, stride_yc), y, mask)
 
 
+# Backward maths, per channel over its M values, with xhat = (x - mean) * invstd and
+# invstd = 1 / sqrt(var + eps):
+#   z = weight * xhat + bias + residual, y = relu(z)
+#   => dz = dy * (y > 0), dresidual = dz, dbias = sum(dz), dweight = sum(dz * xhat), dxhat = weight * dz.
+# Training: mean = sum(x) / M and var = sum((x - mean)^2) / M depend on x, with
+#   d mean / d x_i = 1 / M,  d var / d x_i = 2 (x_i - mean) / M,  d invstd / d x_i = -invstd^2 xhat_i / M,
+#   so  d xhat_j / d x_i = invstd * (delta_ij - 1 / M - xhat_j * xhat_i / M)  and
+#   dx_i = sum_j dxhat_j * d xhat_j / d x_i
+#        = weight * invstd * (dz_i - sum(dz) / M - xhat_i * sum(dz * xhat) / M).
+# Eval: mean and var are the running stats, constants: dx = weight * invstd * dz.
+# Hence one pass reduces sum(dz) and sum(dz * (x - mean)) = sum(dz * xhat) / invstd (and writes dz),
+# and, once both are known, a second pass writes dx.
 @triton.jit
 def _grad_partial_kernel(
     dy_ptr,  # gradient of the output
@@ -252,10 +264,9 @@ def _grad_partial_kernel(
     BLOCK_S: tl.constexpr,  # spatial positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    # Backward pass 1 (maths in reference_bn): dbias = sum(dz), dweight = invstd * sum(dz * (x - mean)),
-    # and dx needs both sums, so they are reduced first. sum(dz * (x - mean)) rather than
-    # sum(dz * x) - mean * sum(dz) avoids cancellation. Grid (channel blocks, splits) as in the
-    # statistics pass; per-lane fp32 sums, combined once at the end.
+    # Backward pass 1 (maths above). sum(dz * (x - mean)) rather than sum(dz * x) - mean * sum(dz)
+    # avoids cancellation. Grid (channel blocks, splits) as in the statistics pass; per-lane fp32
+    # sums, combined once at the end.
     c_block = tl.program_id(0)
     split = tl.program_id(1)
     channels = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -293,7 +304,7 @@ def _grad_finalize_kernel(
     HAS_WEIGHT: tl.constexpr,  # whether a weight scales the normalised x
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    # With scale = weight * invstd and xhat = (x - mean) * invstd, training's
+    # With scale = weight * invstd, training's dx (derived above _grad_partial_kernel)
     #   dx = scale * (dz - sum(dz) / M - xhat * sum(dz * xhat) / M)
     # is alpha * dz + beta * (x - mean) + gamma with
     #   alpha = scale, beta = -scale * invstd * sum(dz * xhat) / M, gamma = -scale * sum(dz) / M;

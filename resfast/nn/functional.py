@@ -115,6 +115,7 @@ def _select_kernels(x: Tensor, backend: str) -> ModuleType:
 
 
 def _can_run(backend: str, x: Tensor) -> bool:
+    """Whether `backend` can run x here."""
     try:
         backends.choose(x.device, x.dtype, backend)
     except backends.BackendUnavailable:
