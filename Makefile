@@ -17,9 +17,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml setup.py
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
 	$(PIP) install --quiet $(TORCH_PIN) ninja setuptools wheel
-	$(PIP) install --quiet --no-build-isolation -e ".[dev,train]"
+	RESFAST_REQUIRE_EXT=1 $(PIP) install --no-build-isolation -e ".[dev,train]"
 	touch $(STAMP)
 
 venv: $(STAMP)

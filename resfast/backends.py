@@ -65,7 +65,7 @@ def native_extension() -> tuple[Any, str | None]:
     except Exception as e:  # a broken binary (e.g. built against another torch) must not crash import
         return None, f"resfast._C failed to load ({type(e).__name__}: {e}); rebuild it against this torch"
     built_for = getattr(ext, "TORCH_VERSION", None)
-    if built_for is not None and built_for != torch.__version__:
+    if built_for != torch.__version__.split("+")[0]:  # "2.14.1" vs "2.14.1+cu130": same release
         return None, (
             f"resfast._C was built for torch {built_for} but torch {torch.__version__} is installed; "
             "rebuild it: pip install --no-build-isolation -e ."

@@ -1,0 +1,37 @@
+// Op schemas of resfast's native kernels and the Python module resfast._C.
+//
+// Every op mutates its tensor lists in place and declares it ((a!) annotations), so torch.compile
+// and torch.library.opcheck see the mutation; fake implementations are registered in Python
+// (resfast/kernels/cext.py). Kernels: csrc/cpu (CPU dispatch key) and csrc/cuda (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+TORCH_LIBRARY(resfast, m) {
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "
+      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool nesterov, bool maximize) -> ()");
+  m.def(
+      "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
+      "Tensor(e!)[] momentum_buffers, Tensor coef, Tensor? grad_scale, Tensor? found_inf, bool has_wd, "
+      "bool maximize) -> ()");
+  m.def(
+      "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor coef, Tensor? grad_scale, "
+      "Tensor? found_inf, bool has_wd, bool maximize) -> ()");
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor coef, Tensor? grad_scale, Tensor? found_inf, int wd_mode, "
+      "bool maximize) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resfast native kernels; the ops are registered as torch.ops.resfast.*";
+  // The torch this was compiled against: resfast.backends refuses a mismatched build instead of crashing.
+  m.attr("TORCH_VERSION") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+#ifdef RESFAST_WITH_CUDA
+  m.attr("HAS_CUDA") = true;
+#else
+  m.attr("HAS_CUDA") = false;
+#endif
+}

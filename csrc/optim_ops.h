@@ -1,0 +1,114 @@
+// The four optimizer ops, written once over a Backend (CPU or CUDA) that supplies
+//   template <int N, typename Math> static void apply(const std::vector<at::TensorList>& lists,
+//       const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
+//       const std::optional<at::Tensor>& found_inf, bool maximize, const Math& math);
+// Each op's lists are [params, grads, states...]; optional states are empty lists. N, the number of
+// lists, is a compile-time constant so the per-element loops over them unroll; each op instantiates
+// only the counts its options can produce.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "optim_math.h"
+
+// The fused kernels' storage dtypes (the maths is fp32); anything else is rejected by check_lists.
+#define RESFAST_DISPATCH_STORAGE_TYPES(dtype, name, ...) \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace resfast {
+
+// The ops are public (torch.ops.resfast.*): validate what the kernels assume, with clear errors.
+inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tensor& coef) {
+  const at::TensorList params = lists[0];
+  TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous() &&
+                  coef.size(0) == static_cast<int64_t>(params.size()),
+              "resfast: coef must be a contiguous float32 [n_tensors, K] tensor, got ", coef.sizes());
+  for (size_t k = 1; k < lists.size(); ++k) {
+    TORCH_CHECK(lists[k].size() == params.size(), "resfast: tensor list ", k, " has ", lists[k].size(),
+                " tensors, expected ", params.size());
+  }
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& p = params[t];
+    const auto dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "resfast: fused updates take float32, bfloat16 or float16 tensors, got ", dtype);
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "resfast: tensor ", t, " is not dense");
+    TORCH_CHECK(p.device() == coef.device(), "resfast: tensor ", t, " is on ", p.device(),
+                " but coef is on ", coef.device());
+    for (size_t k = 1; k < lists.size(); ++k) {
+      const at::Tensor& other = lists[k][t];
+      TORCH_CHECK(other.scalar_type() == dtype && other.device() == p.device() &&
+                      other.sizes() == p.sizes() && (other.strides() == p.strides() || p.numel() <= 1),
+                  "resfast: tensor ", t, " of list ", k, " must match its param's dtype, device, shape and strides");
+    }
+  }
+}
+
+template <typename Backend>
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const at::Tensor& coef,
+          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
+          bool nesterov, bool maximize) {
+  std::vector<at::TensorList> lists{params, grads};
+  if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
+  check_lists(lists, coef);
+  const SgdMath math{has_wd, nesterov};
+  if (!momentum_buffers.empty()) {
+    Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
+  } else {
+    Backend::template apply<2>(lists, coef, grad_scale, found_inf, maximize, math);
+  }
+}
+
+template <typename Backend>
+void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
+              at::TensorList momentum_buffers, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf, bool has_wd, bool maximize) {
+  std::vector<at::TensorList> lists{params, grads, square_avgs};
+  if (!grad_avgs.empty()) lists.push_back(grad_avgs);
+  if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
+  check_lists(lists, coef);
+  const RmspropMath math{has_wd, !grad_avgs.empty(), !momentum_buffers.empty()};
+  switch (lists.size()) {
+    case 3: return Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
+    case 4: return Backend::template apply<4>(lists, coef, grad_scale, found_inf, maximize, math);
+    default: return Backend::template apply<5>(lists, coef, grad_scale, found_inf, maximize, math);
+  }
+}
+
+template <typename Backend>
+void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList sums, const at::Tensor& coef,
+              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
+              bool maximize) {
+  std::vector<at::TensorList> lists{params, grads, sums};
+  check_lists(lists, coef);
+  Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, AdagradMath{has_wd});
+}
+
+template <typename Backend>
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList max_exp_avg_sqs, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
+           const std::optional<at::Tensor>& found_inf, int64_t wd_mode, bool maximize) {
+  std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
+  if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
+  check_lists(lists, coef);
+  TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, "resfast: wd_mode must be 0, 1 or 2, got ", wd_mode);
+  const AdamMath math{static_cast<int>(wd_mode)};
+  if (!max_exp_avg_sqs.empty()) {
+    Backend::template apply<5>(lists, coef, grad_scale, found_inf, maximize, math);
+  } else {
+    Backend::template apply<4>(lists, coef, grad_scale, found_inf, maximize, math);
+  }
+}
+
+// Registers the four ops for one dispatch key (used inside TORCH_LIBRARY_IMPL).
+#define RESFAST_REGISTER_OPTIM_OPS(m, Backend)     \
+  m.impl("sgd_", &resfast::sgd_<Backend>);         \
+  m.impl("rmsprop_", &resfast::rmsprop_<Backend>); \
+  m.impl("adagrad_", &resfast::adagrad_<Backend>); \
+  m.impl("adam_", &resfast::adam_<Backend>)
+
+}  // namespace resfast
