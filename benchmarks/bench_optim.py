@@ -239,7 +239,7 @@ class Built:
 
 
 def _torch(spec: OptimSpec, params: list[Tensor], ctx: Context, **flags: Any) -> Built:
-    opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs, **flags)
+    opt = getattr(torch.optim, spec.cls)(params, **{**spec.kwargs, **flags})
     return Built(opt, opt.step)
 
 
@@ -330,6 +330,7 @@ TABLE = [
     common.col("pct_copy", "% copy", ".0f"),
     common.col("speedup", "x best torch", ".2f"),
 ]
+SUMMARY = common.Summary(("optimizer", "params", "dtype"), common.ms_pct_cell)
 CHART = common.Chart(
     ("params", "dtype"), ("optimizer",), "pct_copy", "% of copy bandwidth (higher is better)"
 )
@@ -397,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report.add(run_case(case, builders, ctx, budget, copy_gbps), TORCH_PATHS)
                 del case
                 common.release(args.device)
-    report.finish(TABLE, CHART, _header_lines(ctx, sets, args.dtypes))
+    report.finish(TABLE, SUMMARY, CHART, _header_lines(ctx, sets, args.dtypes))
     return 0
 
 

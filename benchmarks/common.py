@@ -24,6 +24,7 @@ import gc
 import importlib
 import importlib.metadata
 import math
+import os
 import platform
 import re
 import statistics
@@ -105,7 +106,7 @@ def choice_list(choices: Sequence[str], what: str, aliases: Mapping[str, str] = 
     return parse
 
 
-def _device_arg(text: str) -> torch.device:
+def device_arg(text: str) -> torch.device:
     try:
         return parse_device(text)
     except ValueError as e:
@@ -118,7 +119,7 @@ def base_parser(
     """The options every benchmark has; each script adds its own case and path selections."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
-        "--device", type=_device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda if present)"
+        "--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda if present)"
     )
     p.add_argument(
         "--dtype",
@@ -166,7 +167,7 @@ def default_paths(paths: Sequence[str], device: torch.device) -> list[str]:
 def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in the defaults that depend on the machine (device, output folder)."""
     args.device = args.device or default_device()
-    args.dtypes = [DTYPES[name] for name in args.dtype]
+    args.dtypes = [DTYPES[name] for name in getattr(args, "dtype", ())]
     if args.out is None:
         # Smoke runs check that a script works; their numbers must never overwrite real results.
         args.out = Path(tempfile.gettempdir()) / "resfast-bench-smoke" if args.smoke else RESULTS
@@ -197,6 +198,7 @@ class Env:
     triton: str
     commit: str
     date: str
+    load: str  # 1-minute load average at the start: CPU figures from a busy machine are noisy
 
     def columns(self) -> dict[str, str]:
         return {
@@ -205,6 +207,7 @@ class Env:
             "triton": self.triton,
             "commit": self.commit,
             "date": self.date,
+            "load_avg": self.load,
         }
 
 
@@ -263,7 +266,7 @@ def start(device: torch.device, smoke: bool, extra: Sequence[str] = ()) -> tuple
     gc.freeze()
     env = environment(device)
     copy_gbps = copy_bandwidth(device, smoke)
-    print(header_text(env, copy_gbps, extra), flush=True)
+    print(header_text(env.columns(), copy_gbps, extra), flush=True)
     return env, copy_gbps
 
 
@@ -276,6 +279,7 @@ def environment(device: torch.device) -> Env:
         triton=_version("triton"),
         commit=_commit(),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        load=f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown",
     )
 
 
@@ -567,7 +571,7 @@ TIMING_COLUMNS = (
     "peak_mib",
     "note",
 )
-ENV_COLUMNS = ("device", "torch", "triton", "commit", "date", "copy_gbps")
+ENV_COLUMNS = ("device", "torch", "triton", "commit", "date", "load_avg", "copy_gbps")
 
 
 def outcome_row(case: Mapping[str, Any], path: str, o: Outcome, nbytes: int | None, copy_gbps: float) -> dict:
@@ -671,14 +675,60 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -
     return "\n".join(lines)
 
 
-def header_text(env: Env, copy_gbps: float | str, extra: Sequence[str] = ()) -> str:
+def header_text(env: Mapping[str, Any], copy_gbps: float | str, extra: Sequence[str] = ()) -> str:
+    """The lines that say where and with what figures were measured (`env`: Env.columns() or a CSV row)."""
     lines = [
-        f"device: {env.name}",
-        f"torch {env.torch}, triton {env.triton}, resfast commit {env.commit}, {env.date}",
+        f"device: {env['device']}",
+        f"torch {env['torch']}, triton {env['triton']}, resfast commit {env['commit']}, {env['date']}, "
+        f"load average {env.get('load_avg', 'unknown')} at the start",
         f"device-to-device copy bandwidth (read + write): {float(copy_gbps):.1f} GB/s",
         *extra,
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A compact table: one line per case, one column per path, and the best resfast speed-up."""
+
+    case_keys: tuple[str, ...]
+    cell: Callable[[Mapping[str, Any]], str]  # what a checked and timed row shows
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]], summary: Summary) -> str:
+    cases: dict[tuple, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        cases.setdefault(tuple(str(row.get(k, "")) for k in summary.case_keys), {})[str(row["path"])] = row
+    paths = list(dict.fromkeys(str(row["path"]) for row in rows))
+    lines = [
+        "| " + " | ".join([*summary.case_keys, *paths, "best resfast vs best torch"]) + " |",
+        "|" + "---|" * (len(summary.case_keys) + len(paths) + 1),
+    ]
+    for key, by_path in cases.items():
+        cells = [_summary_cell(by_path.get(p), summary) for p in paths]
+        lines.append("| " + " | ".join([*key, *cells, _best_resfast(by_path.values())]) + " |")
+    return "\n".join(lines)
+
+
+def _summary_cell(row: Mapping[str, Any] | None, summary: Summary) -> str:
+    if row is None:
+        return ""
+    status = row.get("status")
+    return summary.cell(row) if status == "ok" else "-" if status == "SKIP" else str(status)
+
+
+def _best_resfast(rows: Iterable[Mapping[str, Any]]) -> str:
+    timed = [r for r in rows if str(r["path"]).startswith("resfast") and num(r, "speedup") is not None]
+    if not timed:
+        return ""
+    best = max(timed, key=lambda r: num(r, "speedup") or 0.0)
+    return f"{num(best, 'speedup'):.2f}x ({best['path']} vs {best.get('best_torch', '')})"
+
+
+def ms_pct_cell(row: Mapping[str, Any]) -> str:
+    """ms and % of copy bandwidth, for the kernel benchmarks' summaries."""
+    ms, pct = num(row, "ms"), num(row, "pct_copy")
+    return f"{ms:.3g} ms" + (f" ({pct:.0f}%)" if pct is not None else "")
 
 
 @dataclass(frozen=True)
@@ -786,11 +836,15 @@ class Report:
             self.rows.append(row)
             _progress(row, self.columns)
 
-    def finish(self, table: Sequence[Column], chart: Chart, extra: Sequence[str] = ()) -> None:
-        print()
-        print(header_text(self.env, self.copy_gbps, extra))
+    def finish(
+        self, table: Sequence[Column], summary: Summary, chart: Chart, extra: Sequence[str] = ()
+    ) -> None:
         print()
         print(format_table(self.rows, table))
+        print()
+        print(header_text(self.env.columns(), self.copy_gbps, extra))
+        print()
+        print(summary_table(self.rows, summary))
         png = bar_chart(
             self.rows,
             chart,

@@ -1,0 +1,125 @@
+"""`make bench`: every benchmark this machine supports, one after another, then their tables.
+
+Each benchmark runs in its own process (a crash or an out-of-memory in one leaves the others, and
+every one starts with a clean allocator and compile cache). With no --device, CUDA is used when
+present, else the CPU. Results go to <out>/<device>/{optim,bn,train}.{csv,png}; the summary tables
+are printed last.
+
+    python benchmarks/run_all.py                   # everything, on CUDA if present
+    python benchmarks/run_all.py --smoke           # tiny sizes: checks that every script runs
+    python benchmarks/run_all.py --bench optim,bn --device cuda
+    python benchmarks/run_all.py --report benchmarks/results/<device>   # tables from CSVs, no runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository (benchmarks, resfast) importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
+
+BENCHES = ("optim", "bn", "train")
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--bench",
+        type=common.choice_list(BENCHES, "benchmark"),
+        default=list(BENCHES),
+        help=f"comma-separated: {', '.join(BENCHES)} (default: all)",
+    )
+    p.add_argument(
+        "--device",
+        type=common.device_arg,
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda if present)",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, few repetitions")
+    p.add_argument(
+        "--out", type=Path, default=None, help="results root (default: benchmarks/results; temp with --smoke)"
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile rows (see each script)",
+    )
+    p.add_argument("--full", action="store_true", help="print every row's table, not only the summaries")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="print the tables of the CSVs in DIR (a device folder or a results root) and exit",
+    )
+    return p.parse_args(argv)
+
+
+def bench_command(name: str, args: argparse.Namespace) -> list[str]:
+    cmd = [
+        sys.executable,
+        str(HERE / f"bench_{name}.py"),
+        "--device",
+        str(args.device),
+        "--out",
+        str(args.out),
+    ]
+    cmd += ["--compile", args.compile] + (["--smoke"] if args.smoke else [])
+    return cmd
+
+
+def report(folder: Path, benches: Sequence[str] = BENCHES, full: bool = False) -> int:
+    """Print the header and tables of every CSV found; returns how many were found."""
+    folders = [folder] if any(folder.glob("*.csv")) else sorted(p for p in folder.iterdir() if p.is_dir())
+    found = 0
+    for where in folders:
+        for name in benches:
+            path = where / f"{name}.csv"
+            if not path.exists():
+                continue
+            rows = common.read_csv(path)
+            if not rows:
+                print(f"\n## {name}: {path} has no rows")
+                continue
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            print(f"\n## {name} ({path})\n")
+            print(common.header_text(rows[0], rows[0]["copy_gbps"]))
+            print()
+            if full:
+                print(common.format_table(rows, module.TABLE) + "\n")
+            print(common.summary_table(rows, module.SUMMARY))
+            found += 1
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report is not None:
+        return 0 if report(args.report, args.bench, args.full) else 1
+    args = common.finish_args(args)
+    results = []
+    for name in args.bench:
+        cmd = bench_command(name, args)
+        print(f"\n=== bench_{name}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        rc = subprocess.run(cmd, check=False).returncode
+        results.append((name, rc, time.perf_counter() - start))
+    report(args.out / common.device_slug(args.device), args.bench, args.full)
+    print()
+    for name, rc, seconds in results:
+        print(f"bench_{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s")
+    return 0 if all(rc == 0 for _, rc, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
