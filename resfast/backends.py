@@ -103,17 +103,27 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | No
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+def _status(
+    backend: str, device: torch.device, dtype: torch.dtype, implemented: tuple[str, ...], op: str
+) -> str:
+    if backend not in implemented:
+        return f"no {op} kernels"
+    return _why_not(backend, device, dtype) or "available"
+
+
 @functools.cache
-def _choose(device: torch.device, dtype: torch.dtype, requested: str) -> str:
+def _choose(
+    device: torch.device, dtype: torch.dtype, requested: str, implemented: tuple[str, ...], op: str
+) -> str:
     if requested == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _why_not(candidate, device, dtype) is None:
+            if candidate in implemented and _why_not(candidate, device, dtype) is None:
                 return candidate
         raise AssertionError("reference is always available")
-    why = _why_not(requested, device, dtype)
+    why = f"it has no {op} kernels" if requested not in implemented else _why_not(requested, device, dtype)
     if why is not None:
         others = "; ".join(
-            f"{b}: {_why_not(b, device, dtype) or 'available'}" for b in BACKENDS[1:] if b != requested
+            f"{b}: {_status(b, device, dtype, implemented, op)}" for b in BACKENDS[1:] if b != requested
         )
         raise BackendUnavailable(
             f"backend {requested!r} cannot run {dtype} tensors on {device}: {why}. Other backends: {others}"
@@ -121,11 +131,21 @@ def _choose(device: torch.device, dtype: torch.dtype, requested: str) -> str:
     return requested
 
 
-def choose(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """The backend that runs tensors of `device` and `dtype` for a user's `requested` backend."""
+def choose(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    requested: str = "auto",
+    *,
+    implemented: tuple[str, ...] = BACKENDS[1:],
+    op: str = "optimizer",
+) -> str:
+    """The backend that runs `op` on tensors of `device` and `dtype` for a user's `requested` backend.
+
+    `implemented` lists the backends that have kernels for the op: `auto` skips the others, and asking
+    for one of them explicitly raises BackendUnavailable saying so."""
     if requested == "auto":
         requested = validate(os.environ.get("RESFAST_BACKEND", "auto"))
-    return _choose(torch.device(device), dtype, requested)
+    return _choose(torch.device(device), dtype, requested, implemented, op)
 
 
 def info(verbose: bool = True) -> dict[str, str]:

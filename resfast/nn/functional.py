@@ -7,7 +7,6 @@ importing this module never imports Triton.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from types import ModuleType
@@ -96,31 +95,16 @@ def _check_inputs(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
-@functools.cache
-def _kernel_module(name: str) -> ModuleType:
-    if name not in _KERNEL_MODULES:
-        raise backends.BackendUnavailable(
-            f"backend {name!r} has no batch_norm_add_relu kernels yet; use backend='triton' or 'reference'"
-        )
-    return importlib.import_module(_KERNEL_MODULES[name])
-
-
 def _select_kernels(x: Tensor, backend: str) -> ModuleType:
     """The kernel module that runs x for the requested backend (errors say why one cannot)."""
-    name = backends.choose(x.device, x.dtype, backends.validate(backend))
-    if backend == "auto" and name not in _KERNEL_MODULES:
-        # auto chose the native extension, which has no kernels for this op: take auto's next choice.
-        name = "triton" if x.device.type == "cuda" and _can_run("triton", x) else "reference"
-    return _kernel_module(name)
-
-
-def _can_run(backend: str, x: Tensor) -> bool:
-    """Whether `backend` can run x here."""
-    try:
-        backends.choose(x.device, x.dtype, backend)
-    except backends.BackendUnavailable:
-        return False
-    return True
+    name = backends.choose(
+        x.device,
+        x.dtype,
+        backends.validate(backend),
+        implemented=tuple(_KERNEL_MODULES),
+        op="batch_norm_add_relu",
+    )
+    return importlib.import_module(_KERNEL_MODULES[name])
 
 
 class _BatchNormAddReLUFunction(torch.autograd.Function):
