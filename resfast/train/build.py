@@ -11,10 +11,10 @@ from torch import nn
 
 import resfast.optim
 from resfast import backends, schedules
-from resfast.nn import cifar, fuse_resnet
+from resfast.nn import cifar, functional, fuse_resnet
 from resfast.train.config import CIFAR_DEPTHS, Config
 
-__all__ = ["make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
+__all__ = ["bn_backend", "make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
 
 _OPTIMIZERS = {"sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW"}
 _LR_SCHEDULES: dict[str, type[schedules.LRSchedule]] = {
@@ -70,6 +70,17 @@ def optimizer_backend(cfg: Config, device: torch.device) -> str | None:
     Asking here, before training, turns an unavailable ``--backend`` into an error that says why.
     """
     return None if cfg.impl == "torch" else backends.choose(device, torch.float32, cfg.backend)
+
+
+def bn_backend(cfg: Config, device: torch.device) -> str | None:
+    """The backend the fused BatchNorms run on (None when the run does not fuse them)."""
+    if not uses_fused_bn(cfg, device):
+        return None
+    # resfast.nn has no public "which backend would run this" yet: ask backends with its kernel table.
+    implemented = tuple(functional._KERNEL_MODULES)
+    return backends.choose(
+        device, torch.float32, cfg.bn_backend, implemented=implemented, op="batch_norm_add_relu"
+    )
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -13,6 +13,7 @@ the plan restores. So torch's CPU and CUDA generator states are the RNG state to
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,14 +79,20 @@ def load(path: Path, cfg: Config) -> dict[str, Any]:
             f"--resume: no checkpoint at {path}; run without --resume to start, or set --out to the "
             "folder of the run to continue"
         )
-    try:
-        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    # torch.save writes a zip archive; one cut short (a copy interrupted, a full disk) has no
+    # central directory at its end. torch.load would then fall back to unpickling and blame weights_only.
+    why = None if zipfile.is_zipfile(path) else "not a complete zip archive, as torch.save writes: truncated?"
+    if why is None:
+        try:
+            # weights_only: a checkpoint is data (tensors, numbers, strings), never code to run.
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    if why is not None:
         raise ValueError(
-            f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e}). It was left as "
-            "it is; delete it to start over, or point --out at another run"
-        ) from None
+            f"--resume: {path} is not a readable checkpoint ({why}). It was left as it is; delete it to "
+            "start over, or point --out at another run"
+        )
     keys = ("format", "config", "model", "optimizer", "plan", "scaler", "rng", "progress")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in keys):
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__

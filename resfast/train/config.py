@@ -208,13 +208,14 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    names = {f.name: f for f in dataclasses.fields(Config)}
+    hints = typing.get_type_hints(Config)
+    names = [f.name for f in dataclasses.fields(Config)]
     flat: dict[str, Any] = {}
 
     def walk(table: dict[str, Any], where: str) -> None:
         for key, value in table.items():
-            # A table is a section ([data], [optimizer], ...) unless the key is itself a dict field.
-            if isinstance(value, dict) and key not in names:
+            # A table is a section ([data], [optimizer], ...) unless it is the value of a dict setting.
+            if isinstance(value, dict) and typing.get_origin(hints.get(key)) is not dict:
                 walk(value, f"{where}{key}.")
             elif key in names:
                 flat[key] = value

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from resfast import backends
 from resfast.schedules import NoiseScaleBatch, Plan
 from resfast.train import build, checkpoint, distributed, report
 from resfast.train.config import Config
@@ -181,7 +180,6 @@ def _wrap(cfg: Config, model: nn.Module, dist: distributed.Dist, device: torch.d
 
 def _summary(run: Run, progress: checkpoint.Progress, wall: float) -> dict[str, Any]:
     cfg, device, last = run.cfg, run.device, progress.history[-1]
-    fused = build.uses_fused_bn(cfg, device)
     return {
         "test_acc": last["test_acc"],
         "test_loss": last["test_loss"],
@@ -196,8 +194,8 @@ def _summary(run: Run, progress: checkpoint.Progress, wall: float) -> dict[str, 
         "optimizer": cfg.optimizer,
         "impl": cfg.impl,
         "backend": build.optimizer_backend(cfg, device),
-        "fuse_bn": fused,
-        "bn_backend": backends.choose(device, torch.float32, cfg.bn_backend) if fused else None,
+        "fuse_bn": build.uses_fused_bn(cfg, device),
+        "bn_backend": build.bn_backend(cfg, device),
         "model": cfg.model,
         "dataset": cfg.dataset,
         "amp": cfg.amp,
@@ -215,7 +213,12 @@ def run(cfg: Config) -> dict[str, Any] | None:
     """Train as ``cfg`` says. Rank 0 writes <out>/summary.json and returns the summary; others None."""
     dist, device = distributed.setup(cfg.device)
     try:
-        return _run(cfg, dist, device)
+        summary = _run(cfg, dist, device)
+        # Rank 0 writes the report after training: tearing the group down under it has aborted gloo
+        # on the other ranks ("terminate called without an active exception"). Not after an error:
+        # a rank waiting here for a failed one would hang instead of letting torchrun stop the run.
+        dist.barrier()
+        return summary
     finally:
         dist.close()
 
