@@ -88,6 +88,23 @@ def test_lengths_in_epochs_become_samples():
     assert [plan.lr_at(t) for t in (149, 150, 200)] == [0.2, 0.1, 0.05]
 
 
+def test_batch_args_merge_over_the_schedules_defaults():
+    model = torch.nn.Linear(2, 2)
+
+    def batch(argv):
+        cfg = parse_args(argv)
+        return build.make_plan(cfg, build.make_optimizer(cfg, model), epoch=100).batch_schedule
+
+    assert batch(["--batch-schedule", "constant"]).size == 32  # naming a schedule alone is enough
+    assert (batch(["--batch-schedule", "linear"]).end, batch(["--batch-schedule", "linear"]).total) == (
+        256,
+        1600,
+    )
+    step = batch(["--batch-args", '{"every": "1ep"}'])
+    assert (step.every, step.max_size) == (100, 256)
+    assert batch(["--batch-args", '{"max_size": null}']).max_size is None
+
+
 def test_coupled_and_noise_batches():
     model = torch.nn.Linear(2, 2)
     cfg = Config(batch_schedule="coupled", batch_args={"mode": "inverse", "max_size": 64}, warmup_epochs=0)

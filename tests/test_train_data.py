@@ -58,7 +58,6 @@ def test_cifar10_trains_end_to_end(cifar_dir, tmp_path):
         epochs=1,
         batch_size=4,
         batch_schedule="constant",
-        batch_args={},
         out=str(tmp_path / "run"),
         progress=False,
     )
@@ -113,7 +112,6 @@ def test_imagefolder_trains_and_reports_missing_splits(tmp_path):
         epochs=1,
         batch_size=2,
         batch_schedule="constant",
-        batch_args={},
         out=str(tmp_path / "run"),
         progress=False,
     )

@@ -12,7 +12,7 @@ from torch import nn
 import resfast.optim
 from resfast import backends, schedules
 from resfast.nn import cifar, functional, fuse_resnet
-from resfast.train.config import CIFAR_DEPTHS, Config
+from resfast.train.config import BATCH_ARGS_DEFAULTS, CIFAR_DEPTHS, Config
 
 __all__ = ["bn_backend", "make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
 
@@ -131,7 +131,7 @@ def make_plan(cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> sche
     if cfg.warmup_epochs > 0:
         lr = schedules.Warmup(main, cfg.warmup_epochs * epoch, cfg.warmup_start_factor)
 
-    args = dict(cfg.batch_args)
+    args = BATCH_ARGS_DEFAULTS.get(cfg.batch_schedule, {}) | cfg.batch_args
     batch_cls = _BATCH_SCHEDULES[cfg.batch_schedule]
     if batch_cls is schedules.CoupledBatch:
         first = {"lr_schedule": main, "base_size": cfg.batch_size}

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from resfast.backends import BACKENDS
 
-__all__ = ["CIFAR_DEPTHS", "TORCHVISION_MODELS", "Config", "load_toml", "parse_args"]
+__all__ = ["BATCH_ARGS_DEFAULTS", "CIFAR_DEPTHS", "TORCHVISION_MODELS", "Config", "load_toml", "parse_args"]
 
 # CIFAR-style ResNets (resfast.nn.cifar, depth 6n + 2) and torchvision's ImageNet ResNets.
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
@@ -37,6 +37,18 @@ LR_SCHEDULES = (
     "plateau",
 )
 BATCH_SCHEDULES = ("constant", "step", "linear", "polynomial", "coupled", "noise")
+# What --batch-args is merged over, per batch schedule, so that naming a schedule alone runs: the
+# default run's ramp for step, and a ceiling of 256 samples where a schedule needs one.
+BATCH_ARGS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "step": {"every": "2ep", "max_size": 256},
+    "linear": {"end": 256},
+    "noise": {"max_size": 256},
+}
+BATCH_ARGS_HELP = (
+    "other arguments of the batch schedule as JSON, merged over "
+    + "; ".join(f"{name}: {json.dumps(args)}" for name, args in BATCH_ARGS_DEFAULTS.items())
+    + " (lengths as in --lr-args; 'total' defaults to the whole run; noise also takes beta)"
+)
 # Settings a resumed run may change: where files go and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = frozenset({"out", "resume", "progress", "workers", "threads", "data_dir", "compile"})
 
@@ -129,11 +141,7 @@ class Config:
         "batch-size schedule of resfast.schedules (step: StepBatch, linear: LinearBatch, coupled: "
         "CoupledBatch on the LR schedule, noise: NoiseScaleBatch, ...)",
     ] = "step"
-    batch_args: Annotated[
-        dict[str, Any],
-        "other arguments of the batch schedule as JSON (lengths as in --lr-args; 'total' defaults to "
-        "the whole run); noise takes max_size and beta",
-    ] = field(default_factory=lambda: {"every": "2ep", "max_size": 256})
+    batch_args: Annotated[dict[str, Any], BATCH_ARGS_HELP] = field(default_factory=dict)
     lr_scaling: Annotated[
         Literal["none", "linear", "sqrt"],
         "scale the LR by (batch / base_batch) (linear) or its square root (sqrt)",
@@ -167,6 +175,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:

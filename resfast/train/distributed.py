@@ -15,8 +15,6 @@ __all__ = ["Dist", "setup"]
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
 
     @property
     def main(self) -> bool:
@@ -41,7 +39,7 @@ class Dist:
 def setup(requested: str) -> tuple[Dist, torch.device]:
     """(this process's place, its device) for ``--device`` ``requested`` (auto, cpu or cuda).
 
-    torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE; without them this is one process.
+    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; without them this is one process.
     """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,12 +47,7 @@ def setup(requested: str) -> tuple[Dist, torch.device]:
         raise RuntimeError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    info = Dist(
-        rank=int(os.environ.get("RANK", "0")),
-        world_size=world_size,
-        local_rank=local_rank,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
-    )
+    info = Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size)
     device = torch.device(requested, local_rank) if requested == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -157,11 +157,9 @@ def _loaders(cfg: Config, data: Data, plan: Plan, dist: distributed.Dist) -> tup
     # add copies (and cannot share GPU tensors).
     workers = 0 if isinstance(data.train, InMemory) else cfg.workers
     sampler = plan.batch_sampler(len(data.train), seed=cfg.seed, rank=dist.rank, world_size=dist.world_size)
-    common: dict[str, Any] = {
-        "num_workers": workers,
-        "collate_fn": data.collate,
-        "persistent_workers": workers > 0,
-    }
+    # Workers are not kept across epochs: new ones take their seeds from torch's RNG at each epoch,
+    # which a checkpoint restores, so an augmenting imagefolder run resumes exactly too.
+    common: dict[str, Any] = {"num_workers": workers, "collate_fn": data.collate}
     train = DataLoader(data.train, batch_sampler=sampler, **common)
     # Each rank evaluates every world_size-th test sample; the sums are then added over ranks.
     shard = range(dist.rank, len(data.test), dist.world_size)  # type: ignore[arg-type]
