@@ -304,7 +304,7 @@ class Budget:
     warmup_calls: int = 1  # untimed calls right before timing (compilation, allocator, autotuning)
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    cpu_seconds: float = 1.0
+    cpu_seconds: float = 0.5  # a default CPU run of all three benchmarks takes a few minutes
     cpu_min_reps: int = 5
     cpu_max_reps: int = 50
     # CPU: bytes written before every sample to evict the last-level cache (32 MB here), as do_bench
@@ -406,20 +406,21 @@ def copy_bandwidth(device: torch.device, smoke: bool = False) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def max_rel_err(got: Tensor, want: Tensor) -> float:
-    """max|got - want| / max|want| in float64 (the absolute error when want is all zero); inf when
-    shapes differ or a NaN appears anywhere: NaN never passes."""
+def max_abs_err(got: Tensor, want: Tensor) -> float:
+    """max|got - want| in float64; inf when shapes differ or a NaN appears anywhere: NaN never passes."""
     if got.shape != want.shape:
         return math.inf
     if want.numel() == 0:
         return 0.0
-    want64 = want.detach().double()
-    diff = (got.detach().to(want64.device).double() - want64).abs_()
-    if diff.isnan().any():
-        return math.inf
-    scale = want64.abs().max().item()
-    err = diff.max().item()
-    return err / scale if scale > 0 else err
+    diff = (got.detach().to(want.device).double() - want.detach().double()).abs_()
+    return math.inf if diff.isnan().any() else diff.max().item()
+
+
+def max_rel_err(got: Tensor, want: Tensor) -> float:
+    """max|got - want| / max|want| (the absolute error when want is all zero); inf as max_abs_err."""
+    err = max_abs_err(got, want)
+    scale = want.detach().double().abs().max().item() if want.numel() else 0.0
+    return err / scale if scale > 0 and math.isfinite(err) else err
 
 
 def l2_rel_err(got: Tensor, want: Tensor) -> float:
@@ -639,7 +640,7 @@ def ms_column() -> Column:
 
     def render(row: Mapping[str, Any]) -> str:
         ms, lo, hi = num(row, "ms"), num(row, "ms_p20"), num(row, "ms_p80")
-        return "" if ms is None else f"{ms:.4g} ({lo:.3g}-{hi:.3g})"
+        return "" if ms is None else f"{ms:.4g} ({lo:.4g}-{hi:.4g})"
 
     return Column("ms (p20-p80)", render)
 
