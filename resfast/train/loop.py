@@ -74,12 +74,32 @@ class Run:
         return loss, (logits.argmax(1) == y).sum()
 
 
+class _Totals:
+    """Summed loss and correct predictions, kept on the device (no sync per step), and a count."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, loss_sum: Tensor, correct: Tensor, count: int) -> None:
+        self.loss_sum += loss_sum.detach()
+        self.correct += correct
+        self.count += count
+
+    def means(self, dist: distributed.Dist) -> tuple[float, float]:
+        """(mean loss, accuracy) over every rank's samples."""
+        count = torch.full((), self.count, dtype=torch.float64, device=self.loss_sum.device)
+        loss_sum, correct, count = dist.sum(torch.stack([self.loss_sum, self.correct, count])).tolist()
+        return loss_sum / count, correct / count
+
+
 def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """One optimizer step on this rank's share of a global batch; returns (summed loss, correct)."""
     ws = run.dist.world_size
     global_n: Tensor | int = len(y)
-    if ws > 1:
-        global_n = run.dist.sum(torch.tensor(len(y), device=run.device))
+    if ws > 1:  # torch.full launches a fill: no host-to-device copy, which would wait for the GPU
+        global_n = run.dist.sum(torch.full((), len(y), device=run.device))
     noise = run.plan.batch_schedule if isinstance(run.plan.batch_schedule, NoiseScaleBatch) else None
     # NoiseScaleBatch needs the gradient's norm at two batch sizes: the step then runs as two
     # accumulated halves, measured after the first (this rank's half) and after both (global batch).
@@ -116,7 +136,7 @@ def _grad_sq_norm(model: nn.Module) -> Tensor:
 def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
     cfg, plan, dist = run.cfg, run.plan, run.dist
     run.net.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=run.device)  # loss, correct, samples (this rank)
+    totals = _Totals(run.device)
     bar = report.Bar(cfg.progress and dist.main, progress.epoch + 1, cfg.epochs, len(run.data.train))  # type: ignore[arg-type]
     # Reading the loss for the bar waits for the GPU: there, only every 20 steps.
     refresh = 1 if run.device.type == "cpu" else 20
@@ -129,27 +149,27 @@ def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
         plan.step()
         batch = plan.samples - start  # the global batch just trained (the sampler told the plan)
         progress.trace.append([start, lr, batch])
-        sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), device=run.device)])
+        totals.add(loss, correct, len(labels))
         if step % refresh == 0:
-            shown |= {"loss": f"{float(sums[0] / sums[2]):.4f}", "acc": f"{float(sums[1] / sums[2]):.2%}"}
+            shown |= {"loss": f"{totals.loss_sum.item() / totals.count:.4f}"}
+            shown |= {"acc": f"{totals.correct.item() / totals.count:.2%}"}
         bar.update(batch, **(shown | {"lr": f"{plan.lr:.4g}", "batch": batch}))
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # the GPU's work belongs to this epoch's time
     seconds = time.perf_counter() - start_time
-    loss_sum, correct, count = dist.sum(sums).tolist()
-    bar.close(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.2%}", lr=f"{plan.lr:.4g}")
-    return {"train_loss": loss_sum / count, "train_acc": correct / count, "epoch_time_s": seconds}
+    loss, acc = totals.means(dist)
+    bar.close(loss=f"{loss:.4f}", acc=f"{acc:.2%}", lr=f"{plan.lr:.4g}")
+    return {"train_loss": loss, "train_acc": acc, "epoch_time_s": seconds}
 
 
 @torch.no_grad()
 def _evaluate(run: Run) -> dict[str, float]:
     run.model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=run.device)
+    totals = _Totals(run.device)
     for images, labels in run.batches(run.test_loader):
-        loss, correct = run.forward(run.model, run.prepare(images, None), labels)
-        sums += torch.stack([loss.double(), correct.double(), torch.tensor(len(labels), device=run.device)])
-    loss_sum, correct, count = run.dist.sum(sums).tolist()
-    return {"test_loss": loss_sum / count, "test_acc": correct / count}
+        totals.add(*run.forward(run.model, run.prepare(images, None), labels), len(labels))
+    loss, acc = totals.means(run.dist)
+    return {"test_loss": loss, "test_acc": acc}
 
 
 def _loaders(cfg: Config, data: Data, plan: Plan, dist: distributed.Dist) -> tuple[DataLoader, DataLoader]:
