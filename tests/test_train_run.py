@@ -61,11 +61,15 @@ def finished(tmp_path_factory):
     return out, summary
 
 
-def test_short_digits_run_reaches_95_percent(tmp_path):
+def test_short_digits_run_reaches_95_percent(tmp_path, capsys):
     # The whole digits training set, 4 epochs of ResNet-8 (~2 s): 96.4-97.5% over seeds 0-3 when measured.
-    settings = TINY | dict(train_samples=0, epochs=4)
+    settings = TINY | dict(train_samples=0, epochs=4, progress=True)
     summary = run(Config(out=str(tmp_path), **settings))
     assert summary["test_acc"] >= 0.95
+    bars = capsys.readouterr()
+    assert bars.out == ""  # stdout is left to the summary line of the command
+    for shown in ("epoch 1/4", "epoch 4/4", "1.44k/1.44k", "img/s", "loss=", "acc=", "lr=", "batch=128"):
+        assert shown in bars.err
     assert summary["samples"] == 4 * 1437 and summary["epochs"] == 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]

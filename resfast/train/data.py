@@ -9,6 +9,7 @@ transforms in the DataLoader, as usual.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,9 @@ class InMemory(Dataset[tuple[Tensor, Tensor]]):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.tensor(indices, device=self.images.device)
+        index = torch.tensor(indices)
+        if self.images.is_cuda:  # from pinned memory the copy is queued: the host does not wait
+            index = index.pin_memory().to(self.images.device, non_blocking=True)
         return self.images[index], self.labels[index]
 
     def head(self, n: int) -> InMemory:
@@ -89,25 +92,28 @@ class BatchTransform:
         x = x.float() * self.scale
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        x = (x - mean) / std
+        x = (x - _per_channel(self.mean, x.device)) / _per_channel(self.std, x.device)
         if augment_seed is not None:
-            # The random numbers come from a CPU generator (the same on every device type) and are
-            # few: two offsets and a coin per image.
-            generator = torch.Generator().manual_seed(augment_seed)
+            # Drawn on the batch's device, so nothing is copied to it (a copy would wait for the GPU).
+            generator = torch.Generator(x.device).manual_seed(augment_seed)
             if self.pad:
                 x = random_crop(x, self.pad, generator)
             if self.flip:
-                flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+                flip = torch.rand(len(x), device=x.device, generator=generator) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
+
+
+@functools.cache
+def _per_channel(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """(C, 1, 1) constants, made once per device."""
+    return torch.tensor(values, device=device).view(-1, 1, 1)
 
 
 def random_crop(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
     """Each image shifted by its own offsets in [-pad, pad] (zero fill): a crop of the padded image."""
     n, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator).to(x.device)
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), device=x.device, generator=generator)
     rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (n, h)
     cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (n, w)
     padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (n, H, W, c): index rows and cols

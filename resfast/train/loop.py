@@ -34,9 +34,9 @@ def augment_seed(seed: int, samples: int, world_size: int, rank: int) -> int:
     """The augmentation seed of the batch that starts at ``samples`` on ``rank``.
 
     A function of the clock, so a resumed run augments as the interrupted one did, with no state to
-    save. torch's CPU generator keeps 32 bits of a seed; ``samples * world_size + rank`` is unique
-    per batch and rank below 2**32 (~4e9 samples times ranks), and adding the scrambled seed keeps
-    that map one-to-one.
+    save. It has 32 bits, all that torch's CPU generator keeps of a seed: ``samples * world_size +
+    rank`` is unique per batch and rank below 2**32 (~4e9 samples times ranks), and adding the
+    scrambled seed keeps that map one-to-one.
     """
     return (samples * world_size + rank + seed * 0x9E3779B1) & _MASK32
 
