@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
 import resfast.optim
+from tests.optim_cases import backend_params
 
 # Sizes mixing empty, 1-element, odd and many small tensors with one spanning several kernel chunks.
 SHAPES: list[tuple[int, ...]] = [
@@ -45,7 +47,7 @@ def build(name: str, impl: str, params: list[Tensor], kwargs: dict, backend: str
 def run(opt, params: list[Tensor], steps: int, seed: int = 1, first: int = 0) -> None:
     for step in range(first, first + steps):
         for p, g in zip(params, make_grads(step, len(params), seed), strict=True):
-            p.grad = None if g is None else g.to(p.dtype)
+            p.grad = None if g is None else g.to(p.device, p.dtype)
         opt.step()
 
 
@@ -70,3 +72,68 @@ def max_err(a: Tensor, b: Tensor) -> float:
 
 def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
+
+
+def fast_backend_bound(want: Tensor) -> float:
+    """How far a fast backend may be from the reference backend on `want` (a reference tensor).
+
+    Both compute in fp32, so they differ only by fp32 rounding (FMA contraction, operation order): a few
+    fp32 ulps; low-precision tensors also by the one rounding of each stored value, hence 2 ulps of the
+    dtype. Relative to the tensor's magnitude (at least 1, as states near zero carry absolute error)."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    units = 4 * ulp(torch.float32) if want.dtype == torch.float32 else 2 * ulp(want.dtype)
+    return units * max(scale, 1.0)
+
+
+# Memory layouts a param, grad or state may arrive in. Views of a bigger buffer keep SENTINEL in the
+# buffer's other elements, so a write outside the view shows (no update produces exactly this value).
+LAYOUTS = ("contiguous", "transposed", "channels_last", "offset", "sliced")
+SENTINEL = 96.0
+
+
+def layouts_for(shape: tuple[int, ...]) -> list[str]:
+    """The layouts that exist for a shape (transposing needs 2 dims, channels_last 4, slicing 1)."""
+    need = {"transposed": 2, "channels_last": 4, "sliced": 1}
+    return [layout for layout in LAYOUTS if len(shape) >= need.get(layout, 0)]
+
+
+def laid_out(values: Tensor, layout: str) -> tuple[Tensor, Tensor | None]:
+    """(a tensor equal to `values` in `layout`, the buffer it views or None when it owns its memory).
+
+    transposed: dense, dims 0 and 1 permuted; channels_last: dense, NHWC; offset: contiguous, starting
+    at element 1 of its buffer (misaligned for any vector width); sliced: every other element of the
+    last dim, starting at element 1 (neither contiguous nor dense)."""
+    if layout == "contiguous":
+        return values.clone(), None
+    # Always a copy: .contiguous() would hand back `values` itself where it already has the layout.
+    if layout == "transposed":
+        return values.transpose(0, 1).clone(memory_format=torch.contiguous_format).transpose(0, 1), None
+    if layout == "channels_last":
+        return values.clone(memory_format=torch.channels_last), None
+    if layout == "offset":
+        base = torch.full((values.numel() + 2,), SENTINEL, dtype=values.dtype, device=values.device)
+        view = base[1 : 1 + values.numel()].view(values.shape)
+    elif layout == "sliced":
+        wide = (*values.shape[:-1], 2 * values.shape[-1] + 1)
+        base = torch.full(wide, SENTINEL, dtype=values.dtype, device=values.device)
+        view = base[..., 1::2]
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+    view.copy_(values)
+    return view, base
+
+
+def untouched_outside(view: Tensor, base: Tensor | None) -> bool:
+    """True if no element of `base` outside `view` was written (see SENTINEL)."""
+    return base is None or int((base == SENTINEL).sum()) == base.numel() - view.numel()
+
+
+def device_backend_params() -> list:
+    """(device, backend) for every backend on the CPU and on CUDA; skips say why (no GPU, not built)."""
+    out = []
+    for device in ("cpu", "cuda"):
+        no_gpu = device == "cuda" and not torch.cuda.is_available()
+        for param in backend_params(device):
+            marks = [*param.marks, *([pytest.mark.skip(reason="needs a CUDA device")] if no_gpu else [])]
+            out.append(pytest.param(device, param.values[0], marks=marks, id=f"{device}-{param.id}"))
+    return out

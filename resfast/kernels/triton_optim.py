@@ -80,6 +80,13 @@ def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
 
 
 @triton.jit
+def _lerp(start, end, weight):
+    """torch.lerp, both of its forms: they round differently and disagree on infinities (with start =
+    inf, start + w * (end - start) is NaN while end - (end - start) * (1 - w) is inf)."""
+    return tl.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+@triton.jit
 def _load(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask).to(tl.float32)
 
@@ -158,8 +165,7 @@ def _rmsprop_kernel(
     _store(sq_ptr, offs, sq, mask)
     if CENTERED:
         ga_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
-        ga = _load(ga_ptr, offs, mask)
-        ga = ga + one_minus_alpha * (g - ga)
+        ga = _lerp(_load(ga_ptr, offs, mask), g, one_minus_alpha)
         _store(ga_ptr, offs, ga, mask)
         avg = tl.sqrt(sq - ga * ga) + tl.load(c + 3)
     else:
@@ -218,8 +224,7 @@ def _adam_kernel(
         p = p * tl.load(c + 6)
     m_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     v_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
-    m = _load(m_ptr, offs, mask)
-    m = m + tl.load(c + 2) * (g - m)  # torch's lerp for weights < 0.5
+    m = _lerp(_load(m_ptr, offs, mask), g, tl.load(c + 2))
     v = _load(v_ptr, offs, mask) * tl.load(c + 3) + g * g * tl.load(c + 4)
     _store(m_ptr, offs, m, mask)
     _store(v_ptr, offs, v, mask)

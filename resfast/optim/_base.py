@@ -63,12 +63,20 @@ def _dense(t: Tensor) -> bool:
 def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
     """Can a flat kernel update these tensors elementwise as one memory span each?
 
-    It can when the param is dense and every grad/state has the param's dtype and strides, so element k
-    of one span is element k of the others. Anything else (transposed or sliced views, a grad with
-    other strides, a state of another dtype) runs on the reference backend: slower, never wrong."""
+    It can when the param is dense and every grad/state has the param's shape, dtype, device and
+    strides, so element k of one span is element k of the others. Anything else (transposed or sliced
+    views, a grad with other strides, a state of another dtype) runs on the reference backend: slower,
+    never wrong. The shape matters even where the strides agree: a kernel given a state with fewer
+    elements than its param would read and write past that state's end."""
     if param.numel() > 1 and not _dense(param):
         return False
-    return all(t.dtype == param.dtype and (t.stride() == param.stride() or t.numel() <= 1) for t in others)
+    return all(
+        t.shape == param.shape
+        and t.dtype == param.dtype
+        and t.device == param.device
+        and (t.stride() == param.stride() or t.numel() <= 1)
+        for t in others
+    )
 
 
 @dataclass
@@ -105,9 +113,50 @@ class FusedStep:
         return {**super().__getstate__(), "backend": self.backend}  # type: ignore[misc]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "backend" not in state:
+            # load_state_dict lands here, after its pre-hooks and casts, with the state keyed by our
+            # params: the last point before anything changes (torch's own __setstate__ would already
+            # replace the state before it finds, say, a missing `step`).
+            self._check_loaded_state(state["state"], state["param_groups"])
         super().__setstate__(state)  # type: ignore[misc]
         # Unpickling brings "backend"; load_state_dict also lands here, without it: keep ours.
         self._init_backend(state.get("backend", getattr(self, "backend", "auto")))
+
+    def _check_loaded_state(self, state: dict[Any, Any], param_groups: list[dict[str, Any]]) -> None:
+        """Refuse a loaded state that a step would silently misread.
+
+        torch loads such a state (or raises halfway, with its state already replaced) and fails or
+        broadcasts at the next step, after updating the params before the bad one. resfast refuses it
+        here, before anything changes: a state with a step counter must be complete (a `step` or moment
+        restarted from zero would skew the bias corrections), `step` must be torch's 0-d tensor or a
+        number, and every tensor the kernel updates must have its param's shape. SGD's momentum buffer
+        may be absent or None: it then starts from the next gradient, as in torch."""
+        params = [(group, p) for group in param_groups for p in group["params"]]
+        for index, (group, p) in enumerate(params):
+            saved = state.get(p)
+            if not saved:
+                continue
+            where = f"loaded state of parameter {index} (shape {tuple(p.shape)})"
+            # An option that a very old checkpoint's group lacks: this optimizer's own default.
+            keys = self._state_keys({**self.defaults, **group})
+            if self._has_step:
+                missing = [key for key in ("step", *keys) if saved.get(key) is None]
+                if missing:
+                    raise ValueError(
+                        f"{where} lacks {missing} but has {sorted(saved)}; was it saved by another optimizer "
+                        "or with other options?"
+                    )
+                step = saved["step"]
+                if isinstance(step, Tensor) and step.dim() != 0:
+                    raise ValueError(f"{where}: 'step' must be a 0-d tensor, got shape {tuple(step.shape)}")
+            for key in keys:
+                value = saved.get(key)
+                if value is not None and (not isinstance(value, Tensor) or value.shape != p.shape):
+                    got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"{where}: {key!r} has {got}, expected a tensor of the parameter's shape; "
+                        "does the checkpoint come from another model?"
+                    )
 
     # -- phase 1: validate and plan, no side effects -----------------------------------------------
 
@@ -151,7 +200,8 @@ class FusedStep:
             # fused optimizers, keeps it beside the param so no step needs a host sync.
             state["step"] = state["step"].to(p.device)
         for key in self._state_keys(group):
-            if key not in state:
+            # None is torch's "no buffer yet" too (torch 1.x SGD saved momentum_buffer=None).
+            if state.get(key) is None:
                 state[key] = self._new_state(group, p, key)
                 created = True
         return created
