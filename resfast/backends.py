@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -131,6 +132,17 @@ def _choose(
     return requested
 
 
+def _constant_under_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`torch.compiler.assume_constant_result` without its import of torch._dynamo (which imports
+    Triton) when resfast is imported: that decorator only sets this attribute (tests check it still
+    does)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+# torch.compile evaluates the choice when it traces, rather than tracing the host-side machinery
+# behind it (environment, imports, caches); a compiled function keeps the backend it was traced with.
+@_constant_under_compile
 def choose(
     device: torch.device | str,
     dtype: torch.dtype,

@@ -1,10 +1,11 @@
 """Plain-PyTorch specification of ``y = relu(batch_norm(x) + residual)``: forward and backward.
 
-Every fast backend of the fused op implements the same two functions with the same arguments and
-results, and is tested against this module (which is itself tested against PyTorch's unfused
-expression in float64). Tensors are viewed as (N, C, *spatial): statistics are per channel, over the
-batch and spatial dimensions. Inputs in bf16/fp16 are computed in fp32 and stored back in their dtype,
-so the fp32 statistics of the fast kernels are the specification, not an approximation of it.
+Every fast backend of the fused op implements the same three functions (`batch_stats`, `forward`,
+`backward`) with the same arguments and results, and is tested against this module (which is itself
+tested against PyTorch's unfused expression in float64). Tensors are viewed as (N, C, *spatial):
+statistics are per channel, over the batch and spatial dimensions. Inputs in bf16/fp16 are computed
+in fp32 and stored back in their dtype, so the fp32 statistics of the fast kernels are the
+specification, not an approximation of it.
 
 Backward maths (what the fast kernels implement, per channel, over the M = N * prod(spatial) values):
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "batch_stats", "forward"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -51,39 +52,45 @@ def _update_running_stats(
     running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased_var * momentum)
 
 
+def _like(x: Tensor, t: Tensor) -> Tensor:
+    """t rounded to x's dtype, in `torch.empty_like(x)`'s layout (what the ops' fake implementations
+    promise torch.compile): a dense x's own strides, whatever the other inputs' layouts."""
+    t = t.to(x.dtype)
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
+def batch_stats(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """(mean, var): x's batch mean and biased variance per channel, in the compute dtype. Running
+    stats, when given, are updated in place (with the unbiased variance)."""
+    var, mean = torch.var_mean(x.to(_compute_dtype(x)), _reduce_dims(x), correction=0)
+    if running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+    return mean, var
+
+
 def forward(
     x: Tensor,
     residual: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
+    mean: Tensor,
+    var: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): the output, and the statistics it was normalised with.
-
-    Training: batch mean and biased variance (in the compute dtype); running stats, when given, are
-    updated in place. Eval: the running stats themselves.
-    """
+) -> Tensor:
+    """y = relu((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and layout
+    (`torch.empty_like(x)`'s strides, whatever the residual's). mean and var are the batch's
+    (training, from `batch_stats`) or the running stats (eval)."""
     ct = _compute_dtype(x)
-    xf = x.to(ct)
-    if training:
-        var, mean = torch.var_mean(xf, _reduce_dims(x), correction=0)
-        if running_mean is not None and running_var is not None:
-            _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    else:
-        assert running_mean is not None and running_var is not None
-        mean, var = running_mean, running_var
-    z = (xf - _per_channel(mean.to(ct), x)) * _per_channel(torch.rsqrt(var.to(ct) + eps), x)
+    z = (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(torch.rsqrt(var.to(ct) + eps), x)
     if weight is not None:
         z = z * _per_channel(weight.to(ct), x)
     if bias is not None:
         z = z + _per_channel(bias.to(ct), x)
     if residual is not None:
         z = z + residual.to(ct)
-    return torch.relu(z).to(x.dtype), mean, var
+    return _like(x, torch.relu(z))
 
 
 def backward(
@@ -99,8 +106,9 @@ def backward(
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """(dx or None, dresidual, dweight, dbias) for the saved (x, y, mean, var) of `forward`.
 
-    dresidual (= dz) is in x's dtype; dweight and dbias are per-channel sums in the compute dtype
-    (the caller casts them to the parameters' dtypes).
+    dx and dresidual (= dz) are in x's dtype and layout (`torch.empty_like(x)`'s strides); dweight
+    and dbias are per-channel sums in the compute dtype (the caller casts them to the parameters'
+    dtypes).
     """
     ct = _compute_dtype(x)
     dz = torch.where(y > 0, dy, 0).to(ct)
@@ -116,5 +124,5 @@ def backward(
         if training:
             count = x.numel() // x.shape[1]
             dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
-        dx = (dxhat * _per_channel(scale, x)).to(x.dtype)
-    return dx, dz.to(x.dtype), sum_dz_xhat, sum_dz
+        dx = _like(x, dxhat * _per_channel(scale, x))
+    return dx, _like(x, dz), sum_dz_xhat, sum_dz

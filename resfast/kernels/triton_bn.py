@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["backward", "forward"]
+__all__ = ["backward", "batch_stats", "forward"]
 
 
 @triton.jit
@@ -489,10 +489,19 @@ def _check_unit_stride(*per_channel: Tensor | None) -> None:
             )
 
 
-def _batch_stats(
-    x: Tensor, plan: _Plan, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
+def _unit_stride(t: Tensor | None) -> Tensor | None:
+    """A read-only per-channel tensor as the kernels index it (ptr + c); a copy only if strided."""
+    return None if t is None else t.contiguous()
+
+
+def batch_stats(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float
 ) -> tuple[Tensor, Tensor]:
-    """fp32 batch (mean, biased var) of x; updates the running stats in place when given."""
+    """fp32 (mean, biased var) of x per channel, as `reference_bn.batch_stats`; updates the running
+    stats in place when given."""
+    _check_unit_stride(running_mean, running_var)
+    x = _walkable(x)
+    plan = _plan([x])
     tiles_per_split, splits = _splits(plan, x.device)
     partial = torch.empty(3, splits, plan.C, dtype=torch.float32, device=x.device)
     _stats_partial_kernel[(plan.num_c_blocks, splits)](
@@ -510,7 +519,6 @@ def _batch_stats(
     )
     mean = torch.empty(plan.C, dtype=torch.float32, device=x.device)
     var = torch.empty_like(mean)
-    has_running = running_mean is not None and running_var is not None
     _stats_finalize_kernel[(triton.cdiv(plan.C, _FINALIZE_BLOCK_C),)](
         partial,
         mean,
@@ -520,13 +528,9 @@ def _batch_stats(
         float(momentum),
         splits,
         plan.C,
-        HAS_RUNNING=has_running,
+        HAS_RUNNING=running_mean is not None and running_var is not None,
         BLOCK_C=_FINALIZE_BLOCK_C,
     )
-    if has_running:
-        # Autograd cannot see writes made by a kernel: record them, so that a graph which saved
-        # these buffers (an earlier eval forward) refuses to run backward with the new values.
-        torch.autograd.graph.increment_version((running_mean, running_var))
     return mean, var
 
 
@@ -535,23 +539,16 @@ def forward(
     residual: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    momentum: float,
+    mean: Tensor,
+    var: Tensor,
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var), as `reference_bn.forward`; mean and var are fp32 when training."""
-    _check_unit_stride(weight, bias, running_mean, running_var)
+) -> Tensor:
+    """y, as `reference_bn.forward` (x's dtype, `torch.empty_like(x)`'s layout)."""
+    weight, bias, mean, var = map(_unit_stride, (weight, bias, mean, var))
+    y = torch.empty_like(x)
     x = _walkable(x)
     residual = None if residual is None else _walkable(residual)
-    y = torch.empty_like(x)
     plan = _plan([x, residual, y])
-    if training:
-        mean, var = _batch_stats(x, plan, running_mean, running_var, momentum)
-    else:
-        assert running_mean is not None and running_var is not None
-        mean, var = running_mean, running_var
     _forward_apply_kernel[(plan.num_tiles * plan.num_c_blocks,)](
         x,
         residual,
@@ -573,7 +570,7 @@ def forward(
         BLOCK_C=plan.block_c,
         num_warps=plan.num_warps,
     )
-    return y, mean, var
+    return y
 
 
 def backward(
@@ -588,9 +585,9 @@ def backward(
     need_dx: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """(dx or None, dresidual, dweight, dbias), as `reference_bn.backward`; dweight, dbias fp32."""
-    dy, x, y = _walkable(dy), _walkable(x), _walkable(y)
     dz = torch.empty_like(x)
     dx = torch.empty_like(x) if need_dx else None
+    dy, x, y = _walkable(dy), _walkable(x), _walkable(y)
     plan = _plan([x, dy, y, dz, dx])
     tiles_per_split, splits = _splits(plan, x.device)
     partial = torch.empty(2, splits, plan.C, dtype=torch.float32, device=x.device)

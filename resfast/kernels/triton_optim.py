@@ -14,6 +14,10 @@ Layout of a launch (the "work table"):
   data, never as compile-time constants: changing lr (float or tensor) never recompiles, and with
   ``capturable`` nothing here synchronises with the host.
 
+Under torch.compile each launcher runs eagerly (a graph break around it): the work table is built
+from tensor addresses on the host, which cannot be traced. The `cpu`/`cuda` backends are registered
+ops and trace without a break.
+
 Math is fp32 whatever the storage dtype; each state is rounded once when stored. Offsets are int64.
 Semantics are those of :mod:`resfast.kernels.reference_optim` (same signatures), against which this
 module is tested.
@@ -302,6 +306,7 @@ def _launch(
 # ----------------------------------------------------------------------------------------------------
 
 
+@torch.compiler.disable  # host-side work table: see the module docstring
 def sgd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -329,6 +334,7 @@ def sgd(
     )  # fmt: skip
 
 
+@torch.compiler.disable  # host-side work table: see the module docstring
 def rmsprop(
     params: list[Tensor],
     grads: list[Tensor],
@@ -367,6 +373,7 @@ def rmsprop(
     )  # fmt: skip
 
 
+@torch.compiler.disable  # host-side work table: see the module docstring
 def adagrad(
     params: list[Tensor],
     grads: list[Tensor],
@@ -390,6 +397,7 @@ def adagrad(
     )  # fmt: skip
 
 
+@torch.compiler.disable  # host-side work table: see the module docstring
 def adam(
     params: list[Tensor],
     grads: list[Tensor],

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import once_differentiable
 
 from resfast import backends
 
@@ -95,63 +95,128 @@ def _check_inputs(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
-def _select_kernels(x: Tensor, backend: str) -> ModuleType:
-    """The kernel module that runs x for the requested backend (errors say why one cannot)."""
-    name = backends.choose(
+def _select_backend(x: Tensor, backend: str) -> str:
+    """The backend that runs x for the requested one (errors say why one cannot)."""
+    return backends.choose(
         x.device,
         x.dtype,
         backends.validate(backend),
         implemented=tuple(_KERNEL_MODULES),
         op="batch_norm_add_relu",
     )
-    return importlib.import_module(_KERNEL_MODULES[name])
 
 
-class _BatchNormAddReLUFunction(torch.autograd.Function):
+def _kernels(backend: str) -> ModuleType:
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The statistics' dtype: fp32 for fp32/bf16/fp16 inputs, float64 for float64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# -- the op, as torch.library custom ops ---------------------------------------------------------
+#
+# Three ops, so that torch.compile traces a fused model with fullgraph=True (each op is opaque to it,
+# with a fake implementation giving its outputs' shapes, dtypes and strides) and opcheck can test
+# them. The statistics are their own op because an op that mutates its inputs (the running stats)
+# cannot have an autograd formula in torch.library: `bn_stats` mutates and is not differentiated
+# (it gets a detached x), `bn_add_relu_fwd` is functional and differentiable, and its backward, which
+# accounts for the statistics' dependence on x in training, is `bn_add_relu_bwd`.
+
+
+@torch.library.custom_op("resfast::bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of the batch per channel, in the compute dtype; running stats updated."""
+    return _kernels(backend).batch_stats(x, running_mean, running_var, momentum)
+
+
+@_bn_stats.register_fake
+def _(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, backend: str):
+    mean = x.new_empty(x.shape[1], dtype=_compute_dtype(x))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("resfast::bn_add_relu_fwd", mutates_args=())
+def _bn_add_relu_fwd(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    training: bool,
+    backend: str,
+) -> Tensor:
+    """y normalised with (mean, var); `training` says they are x's own batch statistics, which the
+    backward then differentiates through."""
+    return _kernels(backend).forward(x, residual, weight, bias, mean, var, eps)
+
+
+@_bn_add_relu_fwd.register_fake
+def _(x: Tensor, *args: Any) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("resfast::bn_add_relu_bwd", mutates_args=())
+def _bn_add_relu_bwd(
+    dy: Tensor,
+    x: Tensor,
+    y: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    training: bool,
+    need_dx: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias); dx is empty when not needed (an op cannot return None)."""
+    dx, dz, dweight, dbias = _kernels(backend).backward(dy, x, y, weight, mean, var, eps, training, need_dx)
+    return x.new_empty(0) if dx is None else dx, dz, dweight, dbias
+
+
+@_bn_add_relu_bwd.register_fake
+def _(dy: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float,
+      training: bool, need_dx: bool, backend: str):  # fmt: skip
+    dweight = x.new_empty(x.shape[1], dtype=_compute_dtype(x))
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(x), dweight, torch.empty_like(dweight)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     """Saves x and y (y > 0 is ReLU's mask; y is usually kept alive by the next layer anyway) and
     the (C,) statistics x was normalised with: never the pre-activation."""
+    x, _, weight, bias, mean, var, eps, training, backend = inputs
+    ctx.save_for_backward(x, output, weight, mean, var)
+    ctx.eps, ctx.training, ctx.backend = eps, training, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        residual: Tensor | None,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        training: bool,
-        momentum: float,
-        eps: float,
-        kernels: ModuleType,
-    ) -> Tensor:
-        y, mean, var = kernels.forward(
-            x, residual, weight, bias, running_mean, running_var, training, momentum, eps
-        )
-        ctx.save_for_backward(x, y, weight, mean, var)
-        ctx.kernels, ctx.training, ctx.eps = kernels, training, eps  # type: ignore[attr-defined]
-        ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
-        return y
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        x, y, weight, mean, var = ctx.saved_tensors
-        need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
-        dx, dz, dweight, dbias = ctx.kernels.backward(
-            dy, x, y, weight, mean, var, ctx.eps, ctx.training, need_x
-        )
-        return (
-            dx,
-            dz if need_residual else None,
-            dweight.to(weight.dtype) if need_weight else None,
-            dbias.to(ctx.bias_dtype) if need_bias else None,
-            *([None] * 6),
-        )
+@once_differentiable
+def _backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    x, y, weight, mean, var = ctx.saved_tensors
+    need_x, need_residual, need_weight, need_bias = ctx.needs_input_grad[:4]
+    dx, dz, dweight, dbias = _bn_add_relu_bwd(
+        dy, x, y, weight, mean, var, ctx.eps, ctx.training, need_x, ctx.backend
+    )
+    return (
+        dx if need_x else None,
+        dz if need_residual else None,
+        dweight.to(weight.dtype) if need_weight else None,
+        dbias.to(ctx.bias_dtype) if need_bias else None,
+        *([None] * 5),
+    )
+
+
+_bn_add_relu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _apply(
-    kernels: ModuleType,
+    backend: str,
     x: Tensor,
     residual: Tensor | None,
     running_mean: Tensor | None,
@@ -162,15 +227,18 @@ def _apply(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """The op on checked inputs, with the chosen kernels."""
+    """The op on checked inputs, with the chosen backend."""
     if x.numel() == 0:
         # Nothing to normalise: torch's own op gives the empty output, zero parameter gradients and
         # unchanged running stats, exactly as the unfused expression would.
         out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(out if residual is None else out + residual)
-    return _BatchNormAddReLUFunction.apply(
-        x, residual, weight, bias, running_mean, running_var, training, momentum, eps, kernels
-    )
+    if training:
+        mean, var = _bn_stats(x.detach(), running_mean, running_var, momentum, backend)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean, var = running_mean, running_var
+    return _bn_add_relu_fwd(x, residual, weight, bias, mean, var, eps, training, backend)
 
 
 def batch_norm_add_relu(
@@ -199,5 +267,15 @@ def batch_norm_add_relu(
     residual dtype mismatch, before any running stat changes. Double backward is not supported.
     """
     _check_inputs(x, residual, running_mean, running_var, weight, bias, training, eps)
-    kernels = _select_kernels(x, backend)
-    return _apply(kernels, x, residual, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _apply(
+        _select_backend(x, backend),
+        x,
+        residual,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+    )

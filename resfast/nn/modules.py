@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast import backends
-from resfast.nn.functional import _apply, _check_inputs, _check_rank, _select_kernels
+from resfast.nn.functional import _apply, _check_inputs, _check_rank, _select_backend
 
 __all__ = ["BatchNormAddReLU"]
 
@@ -77,9 +77,8 @@ class BatchNormAddReLU(_BatchNorm):
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         _check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
-        kernels = _select_kernels(x, self.backend)
         return _apply(
-            kernels,
+            _select_backend(x, self.backend),
             x,
             residual,
             running_mean,

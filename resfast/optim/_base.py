@@ -13,6 +13,7 @@ group and chooses backends without touching state; ``_run`` creates missing stat
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -32,9 +33,17 @@ _KERNEL_MODULES = {
 }
 
 
+# Imported kernel modules by backend: after the first step torch.compile finds them here (it cannot
+# trace an import).
+_loaded: dict[str, ModuleType] = {}
+
+
 def kernel_module(backend: str) -> ModuleType:
     """The module of optimizer kernels for an available backend (imported on first use)."""
-    return importlib.import_module(_KERNEL_MODULES[backend])
+    module = _loaded.get(backend)
+    if module is None:
+        module = _loaded[backend] = importlib.import_module(_KERNEL_MODULES[backend])
+    return module
 
 
 def reject_differentiable(differentiable: bool) -> None:
@@ -45,8 +54,16 @@ def reject_differentiable(differentiable: bool) -> None:
         )
 
 
-def _real(t: Tensor) -> Tensor:
-    """Complex tensors update as their real views, as torch.optim does."""
+def _kernel_view(t: Tensor) -> Tensor:
+    """The plain tensor a kernel updates in place for t.
+
+    A DTensor (FSDP2's sharded params, their grads and the states created like them) is its local
+    shard: params, grads and states are sharded alike, so the elementwise update of the shards is the
+    update of the whole. Complex tensors update as their real views, as torch.optim does."""
+    # A DTensor exists only once torch.distributed.tensor is imported: no import needed to check.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(t, dtensor.DTensor):
+        t = t.to_local()
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -171,14 +188,15 @@ class FusedStep:
                 backend = "reference"
             else:
                 self._check_capturable(group, p)
-                backend = backends.choose(p.device, _real(p).dtype, self.backend)
+                backend = backends.choose(p.device, _kernel_view(p).dtype, self.backend)
             key = (p.device, p.dtype, backend)
             buckets.setdefault(key, _Bucket(backend)).params.append(p)
         return list(buckets.values())
 
     def _check_capturable(self, group: dict[str, Any], p: Tensor) -> None:
-        # torch raises this for capturable params on devices that cannot be captured (e.g. CPU).
-        if group.get("capturable") and p.device.type != "cuda":
+        # torch raises this for capturable params on devices that cannot be captured (e.g. CPU); not
+        # while compiling, where dynamo sets every group's capturable flag (torch skips it too).
+        if group.get("capturable") and p.device.type != "cuda" and not torch.compiler.is_compiling():
             raise AssertionError(
                 f"If capturable=True, params and state_steps must be on supported devices: ['cuda'], "
                 f"got {p.device.type}"
@@ -214,8 +232,8 @@ class FusedStep:
         keys = self._state_keys(group)
         fast, slow = _Bucket(bucket.backend), _Bucket("reference")
         for p in bucket.params:
-            others = [p.grad, *(self.state[p][k] for k in keys)]
-            (fast if fast_layout(_real(p), [_real(t) for t in others]) else slow).params.append(p)
+            others = [_kernel_view(t) for t in (p.grad, *(self.state[p][k] for k in keys))]
+            (fast if fast_layout(_kernel_view(p), others) else slow).params.append(p)
         yield from (b for b in (fast, slow) if b.params)
 
     def _run(
@@ -225,7 +243,7 @@ class FusedStep:
         created = {id(p): self._init_state(group, p) for p in bucket.params}
         for sub in self._split_by_layout(group, bucket):
             params = sub.params
-            states = {k: [_real(self.state[p][k]) for p in params] for k in keys}
+            states = {k: [_kernel_view(self.state[p][k]) for p in params] for k in keys}
             steps = [self.state[p]["step"] for p in params] if self._has_step else []
             if steps:
                 torch._foreach_add_(steps, 1)
@@ -235,8 +253,8 @@ class FusedStep:
             fresh = [created[id(p)] for p in params]
             fn = getattr(kernel_module(sub.backend), self._kernel)
             self._update(
-                fn, group, [_real(p) for p in params], [_real(p.grad) for p in params], states, steps, fresh,
-                grad_scale, found_inf,
+                fn, group, [_kernel_view(p) for p in params], [_kernel_view(p.grad) for p in params], states,
+                steps, fresh, grad_scale, found_inf,
             )  # fmt: skip
 
     _kernel: str
