@@ -57,6 +57,7 @@ DEFAULT_SHAPES = {
 }
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 RESIDUALS = ("add", "none")
+DEFAULT_RESIDUALS = {"cuda": list(RESIDUALS), "cpu": ["add"], "smoke": list(RESIDUALS)}  # CPU: keep it short
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -333,8 +334,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--residual",
         type=common.choice_list(RESIDUALS, "residual"),
-        default=list(RESIDUALS),
-        help="add: relu(bn(x) + r); none: relu(bn(x)) (default: both)",
+        default=None,
+        help="add: relu(bn(x) + r); none: relu(bn(x)) (default: both; add only on the CPU)",
     )
     p.add_argument(
         "--mode",
@@ -346,6 +347,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = common.finish_args(p.parse_args(argv))
     if args.shape is None:
         args.shape = DEFAULT_SHAPES["smoke" if args.smoke else args.device.type]
+    if args.residual is None:
+        args.residual = DEFAULT_RESIDUALS["smoke" if args.smoke else args.device.type]
     return args
 
 

@@ -125,14 +125,14 @@ PARAM_SETS: dict[str, Callable[[], ParamSet]] = {
     "resnet50": functools.partial(_torchvision, "resnet50"),
     "cifar-resnet20": _cifar_resnet20,
     "flat": lambda: ParamSet([(RESNET50_NUMEL,)], "one tensor, as many elements as resnet50"),
-    "flat-16m": lambda: ParamSet([(1 << 24,)], "one tensor of 2^24 elements"),
+    "flat-8m": lambda: ParamSet([(1 << 23,)], "one tensor of 2^23 elements"),
     "tiny": lambda: ParamSet(list(_TINY), "smoke-test shapes"),
 }
 # CPU: 2 cores take ~1 s per step of torch's for-loop Adam over ResNet-18's 11.7M params; the
-# default CPU run keeps to ResNet-20 and a flat tensor whose state (>= 128 MB) is well past the 32 MB L3.
+# default CPU run keeps to ResNet-20 and a flat tensor whose data (>= 64 MB) is past the 32 MB L3.
 DEFAULT_PARAMS = {
     "cuda": ["resnet18", "resnet50", "cifar-resnet20", "flat"],
-    "cpu": ["cifar-resnet20", "flat-16m"],
+    "cpu": ["cifar-resnet20", "flat-8m"],
     "smoke": ["tiny"],
 }
 

@@ -50,8 +50,8 @@ class ModelSpec:
 
 
 MODELS = {
-    "resnet18": ModelSpec("resnet18", image=32, classes=10, batch=512, cpu_batch=64, smoke_batch=4),
-    "resnet50": ModelSpec("resnet50", image=224, classes=1000, batch=256, cpu_batch=8, smoke_batch=2),
+    "resnet18": ModelSpec("resnet18", image=32, classes=10, batch=512, cpu_batch=32, smoke_batch=4),
+    "resnet50": ModelSpec("resnet50", image=224, classes=1000, batch=256, cpu_batch=4, smoke_batch=2),
 }
 DEFAULT_MODELS = {"cuda": list(MODELS), "cpu": list(MODELS), "smoke": ["resnet18"]}
 SGD_ARGS: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}

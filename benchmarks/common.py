@@ -635,12 +635,17 @@ def col(key: str, header: str | None = None, spec: str | None = None) -> Column:
     return Column(header or key, render)
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds with 3-4 significant digits and never an exponent (1500, 21.3, 0.0512)."""
+    return f"{ms:.0f}" if ms >= 1000 else f"{ms:.3g}"
+
+
 def ms_column() -> Column:
     """Median ms with the 20th-80th percentile spread."""
 
     def render(row: Mapping[str, Any]) -> str:
         ms, lo, hi = num(row, "ms"), num(row, "ms_p20"), num(row, "ms_p80")
-        return "" if ms is None else f"{ms:.4g} ({lo:.4g}-{hi:.4g})"
+        return "" if ms is None or lo is None or hi is None else f"{fmt_ms(ms)} ({fmt_ms(lo)}-{fmt_ms(hi)})"
 
     return Column("ms (p20-p80)", render)
 
@@ -729,7 +734,7 @@ def _best_resfast(rows: Iterable[Mapping[str, Any]]) -> str:
 def ms_pct_cell(row: Mapping[str, Any]) -> str:
     """ms and % of copy bandwidth, for the kernel benchmarks' summaries."""
     ms, pct = num(row, "ms"), num(row, "pct_copy")
-    return f"{ms:.3g} ms" + (f" ({pct:.0f}%)" if pct is not None else "")
+    return ("" if ms is None else f"{fmt_ms(ms)} ms") + (f" ({pct:.0f}%)" if pct is not None else "")
 
 
 @dataclass(frozen=True)
