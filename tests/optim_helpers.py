@@ -74,13 +74,17 @@ def ulp(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
 
 
-def fast_backend_bound(want: Tensor) -> float:
+def fast_backend_bound(want: Tensor, scale: float | None = None) -> float:
     """How far a fast backend may be from the reference backend on `want` (a reference tensor).
 
     Both compute in fp32, so they differ only by fp32 rounding (FMA contraction, operation order): a few
     fp32 ulps; low-precision tensors also by the one rounding of each stored value, hence 2 ulps of the
-    dtype. Relative to the tensor's magnitude (at least 1, as states near zero carry absolute error)."""
-    scale = want.abs().max().item() if want.numel() else 0.0
+    dtype. Relative to `scale`, the magnitude of what the value was computed from: by default the
+    tensor's own; over a trajectory, the largest it reached (a momentum buffer whose sign flips is a
+    small difference of large terms, with their rounding error). At least 1, as states near zero carry
+    absolute error."""
+    if scale is None:
+        scale = want.abs().max().item() if want.numel() else 0.0
     units = 4 * ulp(torch.float32) if want.dtype == torch.float32 else 2 * ulp(want.dtype)
     return units * max(scale, 1.0)
 

@@ -1,8 +1,9 @@
 """Hardening of the optimizers: every layout and size, non-finite values and bad checkpoints give
 torch's answer or a clear error, never a silently wrong number.
 
-Every test runs on every backend (``backend_params()``: reference, triton, and the native cpu/cuda
-ones wherever they are built). Against torch.optim (foreach=False, its readable loop) fp32 results may
+Every test runs on every backend of every device (``device_backend_params()``: reference, triton and
+the native cpu/cuda ones, on the CPU and, with a GPU, on CUDA; each skips, saying why, where it cannot
+run). Against torch.optim (foreach=False, its readable loop) fp32 results may
 differ by a few ulps per step (another operation order; torch's CPU kernels contract into FMAs),
 compounded over a few steps: TORCH_RTOL = 1e-5 of the tensor's magnitude (~80 ulps) is far below what
 a layout, offset or indexing error produces. Against the reference backend see ``fast_backend_bound``.
@@ -19,7 +20,7 @@ from torch import Tensor
 
 import resfast.optim
 from resfast.optim._base import fast_layout
-from tests.optim_cases import CASES, OPTIMIZERS, backend_params, case_id
+from tests.optim_cases import CASES, OPTIMIZERS, case_id
 from tests.optim_helpers import (
     build,
     device_backend_params,
@@ -32,6 +33,7 @@ from tests.optim_helpers import (
 )
 
 TORCH_RTOL = 1e-5
+DEVICE_BACKENDS = device_backend_params()
 # One case per optimizer, the one with the most options, so that every state it keeps exists.
 RICH = [max((c for c in CASES if c[0] == name), key=lambda c: len(c[1])) for name in OPTIMIZERS]
 
@@ -101,14 +103,14 @@ LAYOUT_PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_layouts_update_in_place_as_torch(case, backend):
+def test_layouts_update_in_place_as_torch(case, device, backend):
     """Non-contiguous, channels_last and misaligned params, with grads of the same or other strides:
     torch's result, written into the param's own storage, and nothing outside a view touched."""
     name, kwargs = case
     gen = torch.Generator().manual_seed(0)
-    values = [torch.randn(shape, generator=gen) for shape, _, _ in LAYOUT_PARAMS]
+    values = [torch.randn(shape, generator=gen).to(device) for shape, _, _ in LAYOUT_PARAMS]
     runs = {}
     for impl in ("torch", "resfast"):
         laid = [laid_out(v, layout) for v, (_, layout, _) in zip(values, LAYOUT_PARAMS, strict=True)]
@@ -118,7 +120,7 @@ def test_layouts_update_in_place_as_torch(case, backend):
         for step in range(3):
             grads = torch.Generator().manual_seed(100 + step)
             for p, (shape, _, grad_layout) in zip(params, LAYOUT_PARAMS, strict=True):
-                p.grad = laid_out(torch.randn(shape, generator=grads), grad_layout)[0]
+                p.grad = laid_out(torch.randn(shape, generator=grads).to(device), grad_layout)[0]
             opt.step()
         assert [p.data_ptr() for p in params] == addresses
         assert all(untouched_outside(p, base) for p, base in laid)
@@ -139,19 +141,19 @@ STATE_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_non_contiguous_and_misaligned_states_from_a_checkpoint(case, backend):
+def test_non_contiguous_and_misaligned_states_from_a_checkpoint(case, device, backend):
     name, kwargs = case
     gen = torch.Generator().manual_seed(0)
-    start = [torch.randn(shape, generator=gen) for shape, _ in STATE_LAYOUTS]
+    start = [torch.randn(shape, generator=gen).to(device) for shape, _ in STATE_LAYOUTS]
     source = _optimizer("torch", name, start, kwargs, backend)
     for _ in range(2):
         for p in start:
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
         source.step()
     saved = _roundtrip(source.state_dict())
-    grads = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(2)]
+    grads = [[torch.randn(p.shape, generator=gen).to(device) for p in start] for _ in range(2)]
 
     runs = {}
     for impl in ("torch", "resfast"):
@@ -183,16 +185,16 @@ OFFSETS = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_sizes_and_misaligned_offsets_match_reference(case, backend, dtype):
+def test_sizes_and_misaligned_offsets_match_reference(case, device, backend, dtype):
     """Against the reference backend on contiguous tensors: every size, with the param, the grad or the
     states (reloaded after the first step) starting at element 1 of a bigger buffer."""
     name, kwargs = case
     gen = torch.Generator().manual_seed(0)
     specs = [(n, OFFSETS[i % len(OFFSETS)]) for i, n in enumerate(SIZES)]
-    values = [torch.randn(n, generator=gen).to(dtype) for n, _ in specs]
-    grads = [[torch.randn(n, generator=gen).to(dtype) for n, _ in specs] for _ in range(2)]
+    values = [torch.randn(n, generator=gen).to(device, dtype) for n, _ in specs]
+    grads = [[torch.randn(n, generator=gen).to(device, dtype) for n, _ in specs] for _ in range(2)]
 
     def trajectory(backend, misaligned):
         laid = [
@@ -218,14 +220,14 @@ def test_sizes_and_misaligned_offsets_match_reference(case, backend, dtype):
         torch.testing.assert_close(mine, want, rtol=0, atol=fast_backend_bound(want), msg=label)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_thousands_of_tiny_tensors_in_one_group(backend):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_thousands_of_tiny_tensors_in_one_group(device, backend):
     """A thousand tensors of 1-3 elements, far past any per-launch tensor limit: one launch covers every
     one, each reading its own row. SGD with weight decay: the cheapest update under the Triton
     interpreter, which spends a few ms on each tensor."""
     gen = torch.Generator().manual_seed(0)
-    values = [torch.randn(k % 3 + 1, generator=gen) for k in range(1000)]
-    grads = [torch.randn(v.shape, generator=gen) for v in values]
+    values = [torch.randn(k % 3 + 1, generator=gen).to(device) for k in range(1000)]
+    grads = [torch.randn(v.shape, generator=gen).to(device) for v in values]
     results = []
     for which in ("reference", backend):
         params = [v.clone() for v in values]
@@ -238,9 +240,7 @@ def test_thousands_of_tiny_tensors_in_one_group(backend):
     assert not torch.equal(got, torch.cat(values))
 
 
-@pytest.mark.parametrize(
-    ("device", "backend"), [p for p in device_backend_params() if p.values[1] == "triton"]
-)
+@pytest.mark.parametrize(("device", "backend"), [p for p in DEVICE_BACKENDS if p.values[1] == "triton"])
 def test_triton_offsets_past_2_31_elements_do_not_wrap(device, backend, monkeypatch):
     """The kernels' element offsets and bounds are 64-bit: a work table whose chunk starts past 2^31
     elements, with each address moved back as far, must update exactly the tensor's own elements.
@@ -264,7 +264,7 @@ def test_triton_offsets_past_2_31_elements_do_not_wrap(device, backend, monkeypa
 
 @pytest.mark.parametrize(
     ("device", "backend"),
-    [p for p in device_backend_params() if p.values == ("cuda", "triton") or p.values == ("cuda", "cuda")],
+    [p for p in DEVICE_BACKENDS if p.values in (("cuda", "triton"), ("cuda", "cuda"))],
 )
 def test_tensor_of_more_than_2_31_elements_matches_reference(device, backend):
     """One bf16 tensor of 2^31 + 12293 elements (Adam: 4 such tensors, 17 GiB): the windows at its
@@ -316,13 +316,14 @@ def _lerp_weight_at_least_half(case: tuple[str, dict]) -> bool:
     return name == "RMSprop" and kwargs.get("centered", False) and 1 - kwargs.get("alpha", 0.99) >= 0.5
 
 
-def _case_backend_params(cases: list[tuple[str, dict]]) -> list:
+def _case_device_backend_params(cases: list[tuple[str, dict]]) -> list:
     out = []
     for case in cases:
-        for backend in backend_params():
-            native_lerp = backend.values[0] in ("cpu", "cuda") and _lerp_weight_at_least_half(case)
-            marks = [*backend.marks, *([NATIVE_LERP] if native_lerp else [])]
-            out.append(pytest.param(case, backend.values[0], marks=marks, id=f"{case_id(case)}-{backend.id}"))
+        for param in DEVICE_BACKENDS:
+            device, backend = param.values
+            native_lerp = backend in ("cpu", "cuda") and _lerp_weight_at_least_half(case)
+            marks = [*param.marks, *([NATIVE_LERP] if native_lerp else [])]
+            out.append(pytest.param(case, device, backend, marks=marks, id=f"{case_id(case)}-{param.id}"))
     return out
 
 
@@ -331,20 +332,20 @@ NAN, INF = float("nan"), float("inf")
 non_finite_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def _non_finite_trajectory(impl: str, name: str, kwargs: dict, backend: str) -> list:
+def _non_finite_trajectory(impl: str, name: str, kwargs: dict, device: str, backend: str) -> list:
     """The params and states after each of 3 steps, starting from params holding NaN, inf and -inf; after
     the first step each state gets inf, -inf and NaN at positions of its own (so that one state's NaN
     does not hide what another does with its inf); the second step's grad holds NaN and inf. Compared
     step by step: a NaN that spreads later through weight decay would hide an earlier difference."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(7, 3, generator=gen), torch.randn(33, generator=gen)]
+    params = [torch.randn(7, 3, generator=gen).to(device), torch.randn(33, generator=gen).to(device)]
     for p in params:
         p.view(-1)[:3] = torch.tensor([NAN, INF, -INF])
     opt = _optimizer(impl, name, params, kwargs, backend)
     snapshots = []
     for step in range(3):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
             if step == 1:
                 p.grad.view(-1)[16:18] = torch.tensor([NAN, INF])
         opt.step()
@@ -365,41 +366,41 @@ def _assert_trajectories_match(theirs: list, ours: list) -> None:
 
 
 @non_finite_warnings
-@pytest.mark.parametrize(("case", "backend"), _case_backend_params(CASES))
-def test_nan_and_inf_in_params_and_states_propagate_as_in_torch(case, backend):
+@pytest.mark.parametrize(("case", "device", "backend"), _case_device_backend_params(CASES))
+def test_nan_and_inf_in_params_and_states_propagate_as_in_torch(case, device, backend):
     name, kwargs = case
-    theirs = _non_finite_trajectory("torch", name, kwargs, backend)
-    _assert_trajectories_match(theirs, _non_finite_trajectory("resfast", name, kwargs, backend))
+    theirs = _non_finite_trajectory("torch", name, kwargs, device, backend)
+    _assert_trajectories_match(theirs, _non_finite_trajectory("resfast", name, kwargs, device, backend))
 
 
 @non_finite_warnings
-@pytest.mark.parametrize(("case", "backend"), _case_backend_params(LERP_CASES))
-def test_lerp_weight_of_half_or_more_keeps_infinite_moments_as_torch(case, backend):
+@pytest.mark.parametrize(("case", "device", "backend"), _case_device_backend_params(LERP_CASES))
+def test_lerp_weight_of_half_or_more_keeps_infinite_moments_as_torch(case, device, backend):
     """Regression: the Triton kernels lerped exp_avg (Adam) and grad_avg (centered RMSprop) with the
     small-weight form whatever the weight, turning torch's inf into NaN when beta1 or alpha <= 0.5."""
     name, kwargs = case
-    theirs = _non_finite_trajectory("torch", name, kwargs, backend)
-    _assert_trajectories_match(theirs, _non_finite_trajectory("resfast", name, kwargs, backend))
+    theirs = _non_finite_trajectory("torch", name, kwargs, device, backend)
+    _assert_trajectories_match(theirs, _non_finite_trajectory("resfast", name, kwargs, device, backend))
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_bitwise_reproducible_run_to_run(case, backend):
+def test_bitwise_reproducible_run_to_run(case, device, backend):
     """Two runs from the same inputs (fp32, bf16 and fp16 buckets; empty, small and, in fp32,
     multi-chunk tensors) agree bit for bit; the second one also reuses the cached work tables."""
     name, kwargs = case
     runs = []
     for _ in range(2):
         params = [
-            *make_params(torch.float32)[:6],
-            *make_params(torch.bfloat16)[:5],
-            *make_params(torch.float16)[:5],
+            *make_params(torch.float32, device)[:6],
+            *make_params(torch.bfloat16, device)[:5],
+            *make_params(torch.float16, device)[:5],
         ]
         opt = _optimizer("resfast", name, params, kwargs, backend)
         for step in range(2):
             gen = torch.Generator().manual_seed(step)
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                p.grad = torch.randn(p.shape, generator=gen).to(device, p.dtype)
             opt.step()
         runs.append(state_tensors(opt, params))
     for (label, a), (_, b) in zip(*runs, strict=True):
@@ -408,7 +409,7 @@ def test_bitwise_reproducible_run_to_run(case, backend):
 
 def _scaled_step(opt, params, scaler, poison: bool, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((torch.randn(p.shape, generator=gen) * p.float()).sum() for p in params)
+    loss = sum((torch.randn(p.shape, generator=gen).to(p.device) * p.float()).sum() for p in params)
     opt.zero_grad()
     scaler.scale(loss).backward()
     if poison:
@@ -418,21 +419,21 @@ def _scaled_step(opt, params, scaler, poison: bool, seed: int) -> None:
     scaler.update()
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_inf_grad_under_grad_scaler_leaves_every_layout_and_dtype_bit_identical(case, backend):
+def test_inf_grad_under_grad_scaler_leaves_every_layout_and_dtype_bit_identical(case, device, backend):
     """tests/test_optim_amp.py checks contiguous fp32 params; here fp32 and bf16 params in dense
     permuted, misaligned and sliced layouts (fast kernel and reference path in one step)."""
     name, kwargs = case
     gen = torch.Generator().manual_seed(0)
     laid = [
-        laid_out(torch.randn(6, 5, generator=gen).to(dtype), layout)
+        laid_out(torch.randn(6, 5, generator=gen).to(device, dtype), layout)
         for dtype in (torch.float32, torch.bfloat16)
         for layout in ("transposed", "offset", "sliced")
     ]
     params = [p.requires_grad_() for p, _ in laid]
     opt = _optimizer("resfast", name, params, kwargs, backend)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
     _scaled_step(opt, params, scaler, poison=False, seed=1)
     before = [(label, t.clone()) for label, t in state_tensors(opt, params)]
     _scaled_step(opt, params, scaler, poison=True, seed=2)
@@ -447,7 +448,7 @@ def test_inf_grad_under_grad_scaler_leaves_every_layout_and_dtype_bit_identical(
 # -- 4. checkpoints ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("device", "backend"), device_backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize(
     ("saved", "loaded"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str
 )
@@ -578,27 +579,27 @@ def _assert_unchanged(opt, before: tuple[list, dict]) -> None:
 def _bad_state_dict_params() -> list:
     """Every corruption on the reference backend (the checks run at load, whatever the backend); the
     one that used to reach the fused kernels (a state of another shape) on every backend."""
-    reference = next(b for b in backend_params() if b.values[0] == "reference")
+    reference = next(p for p in DEVICE_BACKENDS if p.values == ("cpu", "reference"))
     out = []
     for case in RICH:
         for corruption, (*_, needs_step) in CORRUPTIONS.items():
             if needs_step and case[0] == "SGD":
                 continue  # SGD keeps no step, and torch starts a missing buffer afresh (tested below)
-            for backend in backend_params() if corruption == "state-of-another-shape" else [reference]:
-                ident = f"{case_id(case)}-{corruption}-{backend.id}"
-                out.append(pytest.param(case, corruption, backend.values[0], marks=backend.marks, id=ident))
+            for param in DEVICE_BACKENDS if corruption == "state-of-another-shape" else [reference]:
+                ident = f"{case_id(case)}-{corruption}-{param.id}"
+                out.append(pytest.param(case, corruption, *param.values, marks=param.marks, id=ident))
     return out
 
 
-@pytest.mark.parametrize(("case", "corruption", "backend"), _bad_state_dict_params())
-def test_bad_state_dict_raises_before_anything_changes(case, corruption, backend):
+@pytest.mark.parametrize(("case", "corruption", "device", "backend"), _bad_state_dict_params())
+def test_bad_state_dict_raises_before_anything_changes(case, corruption, device, backend):
     """Regression (shape): a state of another shape loaded silently, and the fused kernels then read and
     wrote past its end. Regression (missing step): torch's __setstate__ raised only after replacing the
     state, leaving the optimizer half-loaded. Now: a clear error, the optimizer as it was, and it goes
     on exactly like a twin that never saw the bad checkpoint."""
     name, kwargs = case
     corrupt, error, pattern, _ = CORRUPTIONS[corruption]
-    params, twin_params = make_params(torch.float32)[:5], make_params(torch.float32)[:5]
+    params, twin_params = make_params(torch.float32, device)[:5], make_params(torch.float32, device)[:5]
     opt, twin = (
         build(name, "resfast", params, kwargs, backend),
         build(name, "resfast", twin_params, kwargs, backend),
@@ -619,11 +620,11 @@ def test_bad_state_dict_raises_before_anything_changes(case, corruption, backend
         assert torch.equal(a, b), label
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_sgd_momentum_buffer_missing_or_none_starts_from_the_grad_as_torch(backend):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_sgd_momentum_buffer_missing_or_none_starts_from_the_grad_as_torch(device, backend):
     """Regression: a loaded momentum_buffer of None (torch 1.x saved one for every param) crashed the
     step with an AttributeError; torch starts such a buffer, like a missing one, from the next grad."""
-    start = make_params(torch.float32)
+    start = make_params(torch.float32, device)
     source = build("SGD", "torch", start, {"lr": 0.1, "momentum": 0.9}, None)
     run(source, start, steps=2)
     saved = copy.deepcopy(source.state_dict())
@@ -651,17 +652,17 @@ def test_fast_layout_refuses_tensors_of_another_shape_or_device():
     assert fast_layout(torch.zeros(1, 1), [torch.zeros(1, 1)[:, :1]])  # 1 element, any strides
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("name", ["RMSprop", "Adagrad", "Adam"])
-def test_state_of_another_shape_set_directly_fails_the_step_as_torch(name, backend):
+def test_state_of_another_shape_set_directly_fails_the_step_as_torch(name, device, backend):
     """A state replaced by hand (no load to check it) goes to the reference path and fails as torch's
     step fails, instead of a kernel running past the state's end."""
     for module in (torch.optim, resfast.optim):
-        p = torch.zeros(4, 3)
-        p.grad = torch.ones(4, 3)
+        p = torch.zeros(4, 3, device=device)
+        p.grad = torch.ones(4, 3, device=device)
         opt = getattr(module, name)([p], **({"backend": backend} if module is resfast.optim else {}))
         opt.step()
         key = _first_state_key(opt.state[p])
-        opt.state[p][key] = torch.zeros(2, 3)
+        opt.state[p][key] = torch.zeros(2, 3, device=device)
         with pytest.raises(RuntimeError, match="size"):
             opt.step()
