@@ -1,5 +1,5 @@
-"""AMP end to end on a fused CIFAR ResNet-20 on the CPU: fp16 autocast with GradScaler (grads
-unscaled and inf steps skipped inside resfast's kernels) and bf16 autocast.
+"""AMP end to end on a fused CIFAR ResNet-20 (on the CPU, and CUDA where present): fp16 autocast with
+GradScaler (grads unscaled and inf steps skipped inside resfast's kernels) and bf16 autocast.
 
 Each step is checked against torch.optim taking the same step from the same parameters, state and
 (scaled) gradients; comparing two free-running trajectories instead would mostly measure chaos: a
@@ -19,9 +19,12 @@ from resfast.nn import fuse_resnet
 from resfast.nn.cifar import resnet20
 
 STEPS = 8
-# fp16: 2^17 overflows the fp16 activation gradients of the first step(s), so GradScaler backs off
-# and resfast must skip those steps inside its kernels; bf16 has fp32's range and needs no scaling.
+# fp16: 2^17 overflows the fp16 activation gradients of the first step(s) on the CPU, so GradScaler
+# backs off and resfast must skip those steps inside its kernels; whether it does depends on the
+# device's kernels, so one step's gradient is also made inf on purpose (POISONED_STEP). bf16 has
+# fp32's range and needs no scaling.
 INIT_SCALE = {torch.float16: 2.0**17, torch.bfloat16: 1.0}
+POISONED_STEP = 3
 CASES = [
     (torch.float16, "SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
     (torch.float16, "Adam", {"lr": 1e-3}),
@@ -38,22 +41,30 @@ def _assert_same_update(got: list[torch.Tensor], want: list[torch.Tensor], step:
 
 
 @pytest.mark.parametrize(("dtype", "name", "options"), CASES, ids=[f"{str(d)[6:]}-{n}" for d, n, _ in CASES])
-def test_autocast_training_steps_like_torch(dtype: torch.dtype, name: str, options: dict) -> None:
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_autocast_training_steps_like_torch(
+    device: str, dtype: torch.dtype, name: str, options: dict
+) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     torch.manual_seed(0)
-    model = fuse_resnet(resnet20())
+    model = fuse_resnet(resnet20()).to(device)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    x, y = x.to(device), y.to(device)
     ours = getattr(resfast.optim, name)(model.parameters(), **options)
     # torch's optimizer over a shadow copy, reset to ours before every step
     shadow = [p.detach().clone() for p in model.parameters()]
     theirs = getattr(torch.optim, name)(shadow, **options)
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE[dtype], enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device, init_scale=INIT_SCALE[dtype], enabled=dtype == torch.float16)
     losses, skipped = [], 0
     for step in range(STEPS):
         ours.zero_grad()
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             loss = F.cross_entropy(model(x), y)
         scaler.scale(loss).backward()
+        if dtype == torch.float16 and step == POISONED_STEP:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
         for s, p in zip(shadow, model.parameters(), strict=True):
             s.copy_(p.detach())
             s.grad = p.grad.clone()
