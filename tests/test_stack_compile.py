@@ -13,7 +13,7 @@ from torch import nn
 import resfast.optim
 from resfast import backends
 from resfast.nn import fuse_resnet
-from resfast.nn.cifar import BasicBlock
+from resfast.nn.cifar import BasicBlock, resnet20
 from tests.bn_helpers import make
 from tests.test_cext_ops import _cases as optimizer_op_cases
 
@@ -69,6 +69,17 @@ def test_fused_block_compiles_with_inductor() -> None:
     torch.manual_seed(0)
     block = fuse_resnet(BasicBlock(8, 16, stride=2))
     _compare(block, torch.randn(4, 8, 8, 8), "inductor", COMPILE_RTOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_resnet_compiles_on_cuda(monkeypatch) -> None:
+    """On CUDA the ops run the Triton BN kernels; Inductor compiles everything around them."""
+    # TF32 convolutions would differ between eager's and Inductor's algorithms by ~1e-3.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    model = fuse_resnet(resnet20()).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    _compare(model, x, "inductor", COMPILE_RTOL)
 
 
 # -- opcheck ---------------------------------------------------------------------------------------
