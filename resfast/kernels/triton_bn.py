@@ -35,7 +35,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["backward", "batch_stats", "forward"]
+from resfast.kernels.triton_common import store_rounded
+
+__all__ = ["backward", "batch_stats", "forward", "grad_input"]
 
 
 @triton.jit
@@ -82,21 +84,6 @@ def _channel_scale(mean_ptr, var_ptr, weight_ptr, c, C, eps, HAS_WEIGHT: tl.cons
     if HAS_WEIGHT:
         scale *= _load_channels(weight_ptr, c, C, 0.0)
     return _load_channels(mean_ptr, c, C, 0.0), scale
-
-
-@triton.jit
-def _store(ptr, offsets, value, mask):
-    """Store fp32 `value` in the pointer's dtype, rounded to nearest-even.
-
-    bf16 is rounded by hand on the fp32 bits: a GPU's conversion rounds to nearest-even, but Triton's
-    CPU interpreter truncates; this makes both exact and identical (a few integer ops per element in
-    a memory-bound kernel). NaN is passed through unchanged.
-    """
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
-    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -172,8 +159,8 @@ def _stats_finalize_kernel(
         running_var = _load_channels(running_var_ptr, c, C, 0.0)
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * unbiased_var
-        _store(running_mean_ptr, c, new_mean, c < C)
-        _store(running_var_ptr, c, new_var, c < C)
+        store_rounded(running_mean_ptr, c, new_mean, c < C)
+        store_rounded(running_var_ptr, c, new_var, c < C)
 
 
 @triton.jit
@@ -221,7 +208,7 @@ def _forward_apply_kernel(
         z += r.to(tl.float32)
     # ReLU written so that NaN stays NaN, as torch.relu does (max(NaN, 0) is 0 on GPUs).
     y = tl.where(z < 0.0, 0.0, z)
-    _store(y_ptr, _offsets(n, s, c, stride_yn, stride_ys, stride_yc), y, mask)
+    store_rounded(y_ptr, _offsets(n, s, c, stride_yn, stride_ys, stride_yc), y, mask)
 
 
 # Backward maths, per channel over its M values, with xhat = (x - mean) * invstd and
@@ -279,7 +266,7 @@ def _grad_partial_kernel(
         dy = tl.load(dy_ptr + _offsets(n, s, c, stride_dyn, stride_dys, stride_dyc), mask=mask, other=0.0)
         y = tl.load(y_ptr + _offsets(n, s, c, stride_yn, stride_ys, stride_yc), mask=mask, other=0.0)
         dz = tl.where(y > 0.0, dy.to(tl.float32), 0.0)
-        _store(dz_ptr, _offsets(n, s, c, stride_dzn, stride_dzs, stride_dzc), dz, mask)
+        store_rounded(dz_ptr, _offsets(n, s, c, stride_dzn, stride_dzs, stride_dzc), dz, mask)
         x = tl.load(x_ptr + _offsets(n, s, c, stride_xn, stride_xs, stride_xc), mask=mask, other=0.0)
         sum_dz += dz
         sum_dz_xc += dz * (x.to(tl.float32) - mean)
@@ -367,7 +354,7 @@ def _grad_input_kernel(
         x_centred = x.to(tl.float32) - _load_channels(mean_ptr, c, C, 0.0)[None, :]
         dx += x_centred * _load_channels(coef_ptr + C, c, C, 0.0)[None, :]
         dx += _load_channels(coef_ptr + 2 * C, c, C, 0.0)[None, :]
-    _store(dx_ptr, _offsets(n, s, c, stride_dxn, stride_dxs, stride_dxc), dx, mask)
+    store_rounded(dx_ptr, _offsets(n, s, c, stride_dxn, stride_dxs, stride_dxc), dx, mask)
 
 
 # ---- launchers -------------------------------------------------------------------------------
@@ -627,20 +614,57 @@ def backward(
         BLOCK_C=_FINALIZE_BLOCK_C,
     )
     if dx is not None:
-        _grad_input_kernel[(plan.num_tiles * plan.num_c_blocks,)](
-            dz,
-            x,
-            dx,
-            mean,
-            coef,
-            plan.S,
-            plan.C,
-            plan.num_s_blocks,
-            plan.num_c_blocks,
-            *plan.strides_of(3, 0, 4),
-            TRAINING=training,
-            BLOCK_S=plan.block_s,
-            BLOCK_C=plan.block_c,
-            num_warps=plan.num_warps,
-        )
+        _launch_grad_input(plan, plan.strides_of(3, 0, 4), dz, x, dx, mean, coef, training)
     return dx, dz, dweight, dbias
+
+
+def grad_input(
+    dz: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
+    count: int | Tensor,
+) -> Tensor:
+    """Training's dx from given per-channel sums over `count` values, as `reference_bn.grad_input`."""
+    dx = torch.empty_like(x)
+    dz, x = _walkable(dz), _walkable(x)
+    plan = _plan([x, dz, dx])
+    # alpha, beta, gamma as _grad_finalize_kernel computes them, from the given sums and count.
+    invstd = torch.rsqrt(var.float() + eps)
+    scale = invstd if weight is None else invstd * weight.float()
+    coef = torch.stack([scale, -scale * invstd * sum_dz_xhat / count, -scale * sum_dz / count])
+    _launch_grad_input(plan, plan.strides_of(1, 0, 2), dz, x, dx, mean.contiguous(), coef, True)
+    return dx
+
+
+def _launch_grad_input(
+    plan: _Plan,
+    strides: list[int],
+    dz: Tensor,
+    x: Tensor,
+    dx: Tensor,
+    mean: Tensor,
+    coef: Tensor,
+    training: bool,
+) -> None:
+    """dx = alpha * dz + beta * (x - mean) + gamma; strides of dz, x and dx, in that order."""
+    _grad_input_kernel[(plan.num_tiles * plan.num_c_blocks,)](
+        dz,
+        x,
+        dx,
+        mean,
+        coef,
+        plan.S,
+        plan.C,
+        plan.num_s_blocks,
+        plan.num_c_blocks,
+        *strides,
+        TRAINING=training,
+        BLOCK_S=plan.block_s,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )

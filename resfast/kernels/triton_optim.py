@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from resfast.kernels import optim_coef
+from resfast.kernels.triton_common import store_rounded
 
 __all__ = ["adagrad", "adam", "rmsprop", "sgd"]
 
@@ -77,7 +78,7 @@ def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if HAS_SCALE:
         g = g / tl.load(grad_scale_ptr)
-        _store(g_ptr, offs, g, mask)
+        store_rounded(g_ptr, offs, g, mask)
     if MAXIMIZE:
         g = -g
     return g
@@ -93,18 +94,6 @@ def _lerp(start, end, weight):
 @triton.jit
 def _load(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask).to(tl.float32)
-
-
-@triton.jit
-def _store(ptr, offs, value, mask):
-    """Store fp32 `value` rounded to nearest-even in the pointer's dtype."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        # Round the fp32 bits by hand: the GPU's conversion rounds to nearest-even, but Triton's CPU
-        # interpreter truncates; this makes both exact and identical. NaN passes through unchanged.
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
-    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,12 +128,12 @@ def _sgd_kernel(
         b_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
         # A fresh buffer (all zeros) starts as the gradient itself, undampened, as in torch.
         b = tl.where(tl.load(c + 4) != 0, g, _load(b_ptr, offs, mask) * momentum + g * tl.load(c + 3))
-        _store(b_ptr, offs, b, mask)
+        store_rounded(b_ptr, offs, b, mask)
         if NESTEROV:
             g = g + b * momentum
         else:
             g = b
-    _store(p_ptr, offs, p - g * tl.load(c), mask)
+    store_rounded(p_ptr, offs, p - g * tl.load(c), mask)
 
 
 @triton.jit
@@ -166,22 +155,22 @@ def _rmsprop_kernel(
     one_minus_alpha = tl.load(c + 2)
     sq_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     sq = _load(sq_ptr, offs, mask) * tl.load(c + 1) + g * g * one_minus_alpha
-    _store(sq_ptr, offs, sq, mask)
+    store_rounded(sq_ptr, offs, sq, mask)
     if CENTERED:
         ga_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
         ga = _lerp(_load(ga_ptr, offs, mask), g, one_minus_alpha)
-        _store(ga_ptr, offs, ga, mask)
+        store_rounded(ga_ptr, offs, ga, mask)
         avg = tl.sqrt(sq - ga * ga) + tl.load(c + 3)
     else:
         avg = tl.sqrt(sq) + tl.load(c + 3)
     if HAS_MOMENTUM:
         b_ptr = _ptr(table_ptr, t, 3 + CENTERED, NCOL, DTYPE)
         b = _load(b_ptr, offs, mask) * tl.load(c + 5) + g / avg
-        _store(b_ptr, offs, b, mask)
+        store_rounded(b_ptr, offs, b, mask)
         update = b
     else:
         update = g / avg
-    _store(p_ptr, offs, p - update * tl.load(c), mask)
+    store_rounded(p_ptr, offs, p - update * tl.load(c), mask)
 
 
 @triton.jit
@@ -202,8 +191,8 @@ def _adagrad_kernel(
         g = g + p * tl.load(c + 1)
     s_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     s = _load(s_ptr, offs, mask) + g * g
-    _store(s_ptr, offs, s, mask)
-    _store(p_ptr, offs, p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c), mask)
+    store_rounded(s_ptr, offs, s, mask)
+    store_rounded(p_ptr, offs, p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c), mask)
 
 
 @triton.jit
@@ -230,14 +219,14 @@ def _adam_kernel(
     v_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
     m = _lerp(_load(m_ptr, offs, mask), g, tl.load(c + 2))
     v = _load(v_ptr, offs, mask) * tl.load(c + 3) + g * g * tl.load(c + 4)
-    _store(m_ptr, offs, m, mask)
-    _store(v_ptr, offs, v, mask)
+    store_rounded(m_ptr, offs, m, mask)
+    store_rounded(v_ptr, offs, v, mask)
     if AMSGRAD:
         vmax_ptr = _ptr(table_ptr, t, 4, NCOL, DTYPE)
         v = tl.maximum(_load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
-        _store(vmax_ptr, offs, v, mask)
+        store_rounded(vmax_ptr, offs, v, mask)
     denom = tl.sqrt(v) / tl.load(c + 1) + tl.load(c + 5)
-    _store(p_ptr, offs, p - m / denom * tl.load(c), mask)
+    store_rounded(p_ptr, offs, p - m / denom * tl.load(c), mask)
 
 
 # ----------------------------------------------------------------------------------------------------
