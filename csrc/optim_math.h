@@ -21,6 +21,12 @@ C10_HOST_DEVICE inline float max_propagate_nan(float a, float b) {
   return (a != a || a > b) ? a : b;
 }
 
+// torch.lerp's two forms: switching at weight 0.5 keeps an infinite `start` infinite (not NaN) for
+// large weights, and matches torch's rounding.
+C10_HOST_DEVICE inline float lerp(float start, float end, float weight) {
+  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
 struct SgdMath {
   bool has_wd, nesterov;
   // r: param, grad[, momentum_buffer];  c: lr, weight_decay, momentum, 1 - dampening, fresh
@@ -51,7 +57,7 @@ struct RmspropMath {
     float var = sq;
     if constexpr (N >= 4) {
       if (centered) {
-        const float ga = r[3] + c[2] * (g - r[3]);
+        const float ga = lerp(r[3], g, c[2]);
         r[3] = ga;
         var = sq - ga * ga;
       }
@@ -93,7 +99,7 @@ struct AdamMath {
     float g = r[1];
     if (wd_mode == 1) g += p * c[6];
     if (wd_mode == 2) p *= c[6];
-    const float m = r[2] + c[2] * (g - r[2]);  // torch's lerp for weights < 0.5
+    const float m = lerp(r[2], g, c[2]);
     float v = r[3] * c[3] + g * g * c[4];
     r[2] = m;
     r[3] = v;

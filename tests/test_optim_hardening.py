@@ -302,18 +302,6 @@ LERP_CASES = [
     ("AdamW", {"betas": (0.0, 0.9)}),
     ("RMSprop", {"centered": True, "alpha": 0.3}),
 ]
-NATIVE_LERP = pytest.mark.xfail(
-    strict=True,
-    reason="csrc/optim_math.h lerps with the small-weight form only (m + w * (g - m)): an infinite "
-    "moment becomes NaN where torch keeps it infinite; to be fixed in the native kernels",
-)
-
-
-def _lerp_weight_at_least_half(case: tuple[str, dict]) -> bool:
-    name, kwargs = case
-    if name in ("Adam", "AdamW"):
-        return 1 - kwargs.get("betas", (0.9, 0.999))[0] >= 0.5
-    return name == "RMSprop" and kwargs.get("centered", False) and 1 - kwargs.get("alpha", 0.99) >= 0.5
 
 
 def _case_device_backend_params(cases: list[tuple[str, dict]]) -> list:
@@ -321,9 +309,9 @@ def _case_device_backend_params(cases: list[tuple[str, dict]]) -> list:
     for case in cases:
         for param in DEVICE_BACKENDS:
             device, backend = param.values
-            native_lerp = backend in ("cpu", "cuda") and _lerp_weight_at_least_half(case)
-            marks = [*param.marks, *([NATIVE_LERP] if native_lerp else [])]
-            out.append(pytest.param(case, device, backend, marks=marks, id=f"{case_id(case)}-{param.id}"))
+            out.append(
+                pytest.param(case, device, backend, marks=param.marks, id=f"{case_id(case)}-{param.id}")
+            )
     return out
 
 
