@@ -359,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [] if fused else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
     env, copy_gbps = common.start(args.device, args.smoke, notes)
     budget = common.Budget().smoke() if args.smoke else common.Budget()
-    report = common.Report("bn", env, copy_gbps, args.out, CASE_COLUMNS)
+    report = common.Report(common.result_name("bn", args), env, copy_gbps, args.out, CASE_COLUMNS)
     builders = {
         name: BUILDERS[name] for name in args.paths or common.default_paths(tuple(BUILDERS), args.device)
     }

@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(args.device, args.smoke, common.compile_skip_reason(args))
     budget = common.Budget().smoke() if args.smoke else common.Budget()
     env, copy_gbps = common.start(args.device, args.smoke)
-    report = common.Report("optim", env, copy_gbps, args.out, CASE_COLUMNS)
+    report = common.Report(common.result_name("optim", args), env, copy_gbps, args.out, CASE_COLUMNS)
     builders = {
         name: BUILDERS[name] for name in args.paths or common.default_paths(tuple(BUILDERS), args.device)
     }

@@ -371,7 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [] if fuse else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
     env, copy_gbps = common.start(args.device, args.smoke, notes)
     budget = BUDGET[args.device.type].smoke() if args.smoke else BUDGET[args.device.type]
-    report = common.Report("train", env, copy_gbps, args.out, CASE_COLUMNS, metrics=("img_s",))
+    report = common.Report(
+        common.result_name("train", args), env, copy_gbps, args.out, CASE_COLUMNS, metrics=("img_s",)
+    )
     paths = {name: PATHS[name] for name in args.paths}
     for name in args.model:
         for dtype in args.dtypes:

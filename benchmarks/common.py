@@ -113,6 +113,18 @@ def device_arg(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def tag_arg(text: str) -> str:
+    # Letters, digits, '.', '_' and '-' only: the tag becomes part of file names.
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", text):
+        raise argparse.ArgumentTypeError(f"tag {text!r}: use letters, digits, '.', '_' and '-' only")
+    return text
+
+
+def result_name(bench: str, args: argparse.Namespace) -> str:
+    """The file stem of a run's CSV and PNG: the benchmark, then its --tag if any."""
+    return f"{bench}-{args.tag}" if args.tag else bench
+
+
 def base_parser(
     description: str, default_dtypes: str = "float32,bfloat16", dtypes: Sequence[str] = tuple(DTYPES)
 ) -> argparse.ArgumentParser:
@@ -135,6 +147,12 @@ def base_parser(
         type=Path,
         default=None,
         help="results root; files go to OUT/<device>/ (default: benchmarks/results; a temp dir with --smoke)",
+    )
+    p.add_argument(
+        "--tag",
+        type=tag_arg,
+        default=None,
+        help="name results <bench>-<tag>.csv/.png, so that runs of different selections sit side by side",
     )
     p.add_argument(
         "--compile",

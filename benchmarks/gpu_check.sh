@@ -15,10 +15,10 @@
 #   arguments         passed to benchmarks/run_all.py, e.g. --bench optim
 #
 # A lent machine runs one command for at most 10 minutes and forgets everything soon after: split
-# the work into calls that each install first, e.g.
+# the work into calls that each install first, and tag the parts (docs/benchmarks.md), e.g.
 #   GPU_CHECK_STEPS="install tests" bash benchmarks/gpu_check.sh
-#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench optim
-#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench bn,train
+#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench optim --tag r50 --params resnet50,flat
+#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench bn
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

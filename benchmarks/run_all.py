@@ -8,6 +8,7 @@ are printed last.
     python benchmarks/run_all.py                   # everything, on CUDA if present
     python benchmarks/run_all.py --smoke           # tiny sizes: checks that every script runs
     python benchmarks/run_all.py --bench optim,bn --device cuda
+    python benchmarks/run_all.py --bench optim --tag r50 --params resnet50   # other options: to the scripts
     python benchmarks/run_all.py --report benchmarks/results/<device>   # tables from CSVs, no runs
 """
 
@@ -62,7 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="print the tables of the CSVs in DIR (a device folder or a results root) and exit",
     )
-    return p.parse_args(argv)
+    args, args.extra = p.parse_known_args(argv)
+    return args
 
 
 def bench_command(name: str, args: argparse.Namespace) -> list[str]:
@@ -75,31 +77,40 @@ def bench_command(name: str, args: argparse.Namespace) -> list[str]:
         str(args.out),
     ]
     cmd += ["--compile", args.compile] + (["--smoke"] if args.smoke else [])
-    return cmd
+    return cmd + args.extra  # anything run_all does not know goes to the scripts (e.g. --tag, --params)
+
+
+def result_files(folder: Path, name: str) -> list[Path]:
+    """A benchmark's CSVs in a device folder: the untagged run first, then tagged ones (name-tag.csv)."""
+    return sorted(folder.glob(f"{name}.csv")) + sorted(folder.glob(f"{name}-*.csv"))
 
 
 def report(folder: Path, benches: Sequence[str] = BENCHES, full: bool = False) -> int:
     """Print the header and tables of every CSV found; returns how many were found."""
+    if not folder.is_dir():
+        print(f"no results: {folder} is not a folder")
+        return 0
     folders = [folder] if any(folder.glob("*.csv")) else sorted(p for p in folder.iterdir() if p.is_dir())
     found = 0
     for where in folders:
         for name in benches:
-            path = where / f"{name}.csv"
-            if not path.exists():
-                continue
-            rows = common.read_csv(path)
-            if not rows:
-                print(f"\n## {name}: {path} has no rows")
-                continue
-            module = importlib.import_module(f"benchmarks.bench_{name}")
-            print(f"\n## {name} ({path})\n")
-            print(common.header_text(rows[0], rows[0]["copy_gbps"]))
-            print()
-            if full:
-                print(common.format_table(rows, module.TABLE) + "\n")
-            print(common.summary_table(rows, module.SUMMARY))
-            found += 1
+            for path in result_files(where, name):
+                found += print_tables(name, path, full)
     return found
+
+
+def print_tables(name: str, path: Path, full: bool) -> bool:
+    rows = common.read_csv(path)
+    print(f"\n## {name} ({path})\n")
+    if not rows:
+        print("no rows")
+        return False
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    print(common.header_text(rows[0], rows[0]["copy_gbps"]) + "\n")
+    if full:
+        print(common.format_table(rows, module.TABLE) + "\n")
+    print(common.summary_table(rows, module.SUMMARY))
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

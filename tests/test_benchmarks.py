@@ -111,10 +111,28 @@ def test_bench_train_smoke(tmp_path):
 
 
 def test_run_all_runs_a_bench_then_prints_its_tables(tmp_path):
-    result = _run("run_all.py", "--smoke", "--device", "cpu", "--bench", "bn", "--out", str(tmp_path))
+    # Options run_all does not know (--tag, --layout) go to the scripts.
+    args = [
+        "--smoke",
+        "--device",
+        "cpu",
+        "--bench",
+        "bn",
+        "--out",
+        str(tmp_path),
+        "--tag",
+        "t1",
+        "--layout",
+        "nchw",
+    ]
+    result = _run("run_all.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / common.device_slug(CPU) / "bn.csv").exists()
-    assert not (tmp_path / common.device_slug(CPU) / "optim.csv").exists()
+    rows = common.read_csv(tmp_path / common.device_slug(CPU) / "bn-t1.csv")
+    assert {r["layout"] for r in rows} == {"nchw"}
+    assert sorted(p.name for p in (tmp_path / common.device_slug(CPU)).iterdir()) == [
+        "bn-t1.csv",
+        "bn-t1.png",
+    ]
     tail = result.stdout[result.stdout.rindex("## bn") :]
     assert "best resfast vs best torch" in tail and "bench_bn: ok" in tail
     # --report prints the same tables from the CSVs alone, and fails where there are none.
@@ -136,6 +154,7 @@ BAD_ARGS = [
     (bench_bn, ["--shape", "1x2x3x4"], ["1x2x3x4", "256x256x56x56", "512x64x32x32"]),
     (bench_bn, ["--layout", "nhwc"], ["nhwc", "nchw, channels_last"]),
     (bench_bn, ["--mode", "bwd"], ["bwd", "fwd, fwd+bwd"]),
+    (bench_bn, ["--tag", "a/b"], ["a/b", "letters, digits"]),
     (bench_train, ["--model", "vgg16"], ["vgg16", "resnet18, resnet50"]),
     (bench_train, ["--dtype", "fp16"], ["float16", "bfloat16, float32"]),
     (run_all, ["--bench", "nope"], ["nope", "optim, bn, train"]),
