@@ -14,11 +14,11 @@
 #   PYTHON            the interpreter that has torch (default python3)
 #   arguments         passed to benchmarks/run_all.py, e.g. --bench optim
 #
-# A lent machine runs one command for at most 10 minutes and forgets everything soon after: split
-# the work into calls that each install first, and tag the parts (docs/benchmarks.md), e.g.
+# A lent machine runs one command for at most 10 minutes and keeps the build only while warm: split
+# the work into calls and tag the parts (docs/benchmarks.md, "On a lent GPU machine"), e.g.
 #   GPU_CHECK_STEPS="install tests" bash benchmarks/gpu_check.sh
-#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench optim --tag r50 --params resnet50,flat
-#   GPU_CHECK_STEPS="install bench" bash benchmarks/gpu_check.sh --bench bn
+#   GPU_CHECK_STEPS="bench" bash benchmarks/gpu_check.sh --bench optim --tag r50 --params resnet50,flat
+#   GPU_CHECK_STEPS="bench" bash benchmarks/gpu_check.sh --bench bn --tag bf16 --dtype bf16
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
