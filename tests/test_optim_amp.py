@@ -86,3 +86,15 @@ def test_scaled_steps_match_torch(case, backend):
 
 def test_steps_support_amp_scaling_flag():
     assert resfast.optim.Adam([torch.zeros(1, requires_grad=True)])._step_supports_amp_scaling
+
+
+def test_sgd_skipped_first_step_with_complex_param_leaves_no_buffer():
+    """Regression: the skipped first step deleted the new buffer through the param's real view, which
+    is not a key of the optimizer's state (KeyError); it must use the param itself."""
+    p = torch.randn(3, dtype=torch.complex64, requires_grad=True)
+    opt = resfast.optim.SGD([p], lr=0.1, momentum=0.9, backend="reference")
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    opt.found_inf, opt.grad_scale = torch.tensor(1.0), torch.tensor(1.0)  # what GradScaler sets
+    before = p.detach().clone()
+    opt.step()
+    assert torch.equal(p, before) and "momentum_buffer" not in opt.state[p]

@@ -97,6 +97,23 @@ def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
 
 
 @dataclass
+class Batch:
+    """What one kernel call updates: the tensors as the kernels see them (local shards, real views)."""
+
+    owners: list[Tensor]  # the params themselves: keys of the optimizer's state
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: dict[str, list[Tensor]]
+    steps: list[Tensor]
+    fresh: list[bool]  # per param: were its states created for this step (SGD's momentum starts)
+    amp: dict[str, Tensor | None]  # grad_scale and found_inf, as the kernels take them
+
+    def optional(self, key: str) -> list[Tensor | None]:
+        """An optional state's list (None per param when the option is off)."""
+        return self.states.get(key, [None] * len(self.params))
+
+
+@dataclass
 class _Bucket:
     backend: str
     params: list[Tensor] = field(default_factory=list)
@@ -111,7 +128,7 @@ class FusedStep:
     - ``_has_step``: whether the state holds a ``step`` counter;
     - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported and
       run on the reference backend);
-    - ``_update(fn, group, params, grads, states, steps, grad_scale, found_inf)``: call kernel `fn`.
+    - ``_update(fn, group, batch)``: call kernel `fn` on a :class:`Batch`.
     """
 
     _has_step = True
@@ -250,17 +267,21 @@ class FusedStep:
                 if found_inf is not None:
                     # Undo the count on a skipped step, on the device and without a host sync.
                     torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
-            fresh = [created[id(p)] for p in params]
-            fn = getattr(kernel_module(sub.backend), self._kernel)
-            self._update(
-                fn, group, [_kernel_view(p) for p in params], [_kernel_view(p.grad) for p in params], states,
-                steps, fresh, grad_scale, found_inf,
-            )  # fmt: skip
+            batch = Batch(
+                owners=params,
+                params=[_kernel_view(p) for p in params],
+                grads=[_kernel_view(p.grad) for p in params],
+                states=states,
+                steps=steps,
+                fresh=[created[id(p)] for p in params],
+                amp={"grad_scale": grad_scale, "found_inf": found_inf},
+            )
+            self._update(getattr(kernel_module(sub.backend), self._kernel), group, batch)
 
     _kernel: str
     _state_keys: Callable[[dict[str, Any]], tuple[str, ...]]
     _new_state: Callable[[dict[str, Any], Tensor, str], Tensor]
-    _update: Callable[..., None]
+    _update: Callable[[Callable[..., None], dict[str, Any], Batch], None]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

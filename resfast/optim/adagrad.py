@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from resfast.optim._base import FusedStep, reject_differentiable
+from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
 class Adagrad(FusedStep, torch.optim.Adagrad):
@@ -53,20 +53,9 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
         value = complex(init, init) if p.is_complex() else init
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
-    def _update(
-        self,
-        fn: Callable[..., None],
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: dict[str, list[Tensor]],
-        steps: list[Tensor],
-        fresh: list[bool],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-    ) -> None:
+    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
         fn(
-            params, grads, states["sum"], steps,
+            b.params, b.grads, b.states["sum"], b.steps,
             lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf,
+            eps=group["eps"], maximize=group["maximize"], **b.amp,
         )  # fmt: skip

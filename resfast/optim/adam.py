@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from resfast.optim._base import FusedStep, reject_differentiable
+from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
 class _AdamStep(FusedStep):
@@ -22,26 +22,14 @@ class _AdamStep(FusedStep):
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(
-        self,
-        fn: Callable[..., None],
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: dict[str, list[Tensor]],
-        steps: list[Tensor],
-        fresh: list[bool],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-    ) -> None:
+    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
         beta1, beta2 = group["betas"]
         fn(
-            params, grads, states["exp_avg"], states["exp_avg_sq"],
-            states.get("max_exp_avg_sq", [None] * len(params)), steps,
+            b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"], b.optional("max_exp_avg_sq"),
+            b.steps,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)),
-            grad_scale=grad_scale, found_inf=found_inf,
+            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)), **b.amp,
         )  # fmt: skip
 
 

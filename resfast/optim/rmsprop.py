@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from resfast.optim._base import FusedStep, reject_differentiable
+from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
 class RMSprop(FusedStep, torch.optim.RMSprop):
@@ -56,23 +56,10 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(
-        self,
-        fn: Callable[..., None],
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: dict[str, list[Tensor]],
-        steps: list[Tensor],
-        fresh: list[bool],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-    ) -> None:
-        none = [None] * len(params)
+    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
         fn(
-            params, grads, states["square_avg"], states.get("grad_avg", none),
-            states.get("momentum_buffer", none), steps,
+            b.params, b.grads, b.states["square_avg"], b.optional("grad_avg"), b.optional("momentum_buffer"),
+            b.steps,
             lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf,
+            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"], **b.amp,
         )  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from resfast.optim._base import FusedStep, reject_differentiable
+from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
 class SGD(FusedStep, torch.optim.SGD):
@@ -52,29 +52,17 @@ class SGD(FusedStep, torch.optim.SGD):
         # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it.
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(
-        self,
-        fn: Callable[..., None],
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: dict[str, list[Tensor]],
-        steps: list[Tensor],
-        fresh: list[bool],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-    ) -> None:
-        if any(fresh) and found_inf is not None and found_inf.item():
+    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
+        found_inf = b.amp["found_inf"]
+        if any(b.fresh) and found_inf is not None and found_inf.item():
             # A skipped first step must leave no buffer behind, so the next one starts from the grad
             # as torch's does. This host sync happens only on a buffer's first step.
-            for p, new in zip(params, fresh, strict=True):
+            for p, new in zip(b.owners, b.fresh, strict=True):
                 if new:
                     del self.state[p]["momentum_buffer"]
             return
-        buffers = states.get("momentum_buffer", [None] * len(params))
         fn(
-            params, grads, buffers, fresh,
+            b.params, b.grads, b.optional("momentum_buffer"), b.fresh,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            grad_scale=grad_scale, found_inf=found_inf,
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], **b.amp,
         )  # fmt: skip
