@@ -218,31 +218,21 @@ def make_cases(
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Context:
-    device: torch.device
-    smoke: bool
-    compile_skip: str | None
-
-
-def _eager(ctx: Context) -> tuple[Op, Callable[[], str]]:
+def _eager(ctx: common.Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
     return eager, lambda: ""
 
 
-def _compiled(ctx: Context) -> tuple[Op, Callable[[], str]]:
-    if ctx.compile_skip:
-        raise common.Skip(ctx.compile_skip)
+def _compiled(ctx: common.Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
+    ctx.require_compile()
     return common.compiled(eager), common.compile_stats
 
 
-def _resfast(ctx: Context, backend: str) -> tuple[Op, Callable[[], str]]:
+def _resfast(ctx: common.Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
     fused, why = common.optional_attr("resfast.nn.functional", "batch_norm_add_relu")
     if fused is None:
         raise common.Skip(f"resfast.nn not available: {why}")
-    if backend == "triton" and ctx.device.type == "cpu" and not ctx.smoke:
-        raise common.Skip(
-            "triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): run with --smoke"
-        )
+    # A backend without BN kernels (the native ones, for now) passes here and says so when called.
+    ctx.require_backend(backend, dtype)
 
     def op(x: Tensor, r: Tensor | None, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return fused(x, r, rm, rv, w, b, True, MOMENTUM, EPS, backend=backend)
@@ -250,19 +240,18 @@ def _resfast(ctx: Context, backend: str) -> tuple[Op, Callable[[], str]]:
     return op, lambda: ""
 
 
-Builder = Callable[[Context], tuple[Op, Callable[[], str]]]
+# (context, dtype) -> (the op, what to say about it once run)
+Builder = Callable[[common.Context, torch.dtype], tuple[Op, Callable[[], str]]]
 BUILDERS: dict[str, Builder] = {
     "torch-eager": _eager,
     "torch-compile": _compiled,
-    **{
-        f"resfast-{b}": functools.partial(_resfast, backend=b) for b in ("cuda", "triton", "cpu", "reference")
-    },
+    **common.resfast_builders(_resfast),
 }
 TORCH_PATHS = ("torch-eager", "torch-compile")
 
 
-def trial(case: Case, build: Builder, ctx: Context) -> common.Trial:
-    op, describe = build(ctx)
+def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
+    op, describe = build(ctx, case.dtype)
     inp = case.inputs
 
     def check() -> str | None:
@@ -284,13 +273,10 @@ def trial(case: Case, build: Builder, ctx: Context) -> common.Trial:
 
 
 def run_case(
-    case: Case, builders: Mapping[str, Builder], ctx: Context, budget: common.Budget, copy_gbps: float
+    case: Case, builders: Mapping[str, Builder], ctx: common.Context, budget: common.Budget, copy_gbps: float
 ) -> list[dict]:
-    rows = []
-    for name, build in builders.items():
-        outcome = common.evaluate(lambda b=build: trial(case, b, ctx), ctx.device, budget)
-        rows.append(common.outcome_row(case.columns(), name, outcome, case.nbytes(), copy_gbps))
-    return rows
+    trials = {name: functools.partial(trial, case, build, ctx) for name, build in builders.items()}
+    return common.run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,7 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = Context(args.device, args.smoke, common.compile_skip_reason(args))
+    ctx = common.Context.from_args(args)
     fused, why = common.optional_attr("resfast.nn.functional", "batch_norm_add_relu")
     notes = [] if fused else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
     env, copy_gbps = common.start(args.device, args.smoke, notes)

@@ -248,13 +248,6 @@ def compare(
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Context:
-    device: torch.device
-    smoke: bool
-    compile_skip: str | None  # why torch.compile rows are not run, or None
-
-
 @dataclass
 class Built:
     opt: torch.optim.Optimizer
@@ -262,12 +255,12 @@ class Built:
     describe: Callable[[], str] = lambda: ""
 
 
-def _torch(spec: OptimSpec, params: list[Tensor], ctx: Context, **flags: Any) -> Built:
+def _torch(spec: OptimSpec, params: list[Tensor], ctx: common.Context, **flags: Any) -> Built:
     opt = getattr(torch.optim, spec.cls)(params, **{**spec.kwargs, **flags})
     return Built(opt, opt.step)
 
 
-def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
+def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: common.Context) -> Built:
     # Whether torch has a fused kernel for this optimizer, device and dtype: try one on a probe.
     probe = torch.ones(3, device=params[0].device, dtype=params[0].dtype)
     probe.grad = torch.ones_like(probe)
@@ -280,9 +273,8 @@ def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
     return _torch(spec, params, ctx, fused=True)
 
 
-def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
-    if ctx.compile_skip:
-        raise common.Skip(ctx.compile_skip)
+def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: common.Context) -> Built:
+    ctx.require_compile()
     # torch's default implementation choice (foreach on CUDA), compiled as torch's tutorial does.
     opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs)
 
@@ -292,30 +284,24 @@ def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Buil
     return Built(opt, common.compiled(step), common.compile_stats)
 
 
-def _resfast(spec: OptimSpec, params: list[Tensor], ctx: Context, backend: str) -> Built:
-    if backend == "triton" and ctx.device.type == "cpu" and not ctx.smoke:
-        raise common.Skip(
-            "triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): run with --smoke"
-        )
-    backends.choose(ctx.device, params[0].dtype, backend)  # BackendUnavailable (a SKIP row) says why not
+def _resfast(spec: OptimSpec, params: list[Tensor], ctx: common.Context, backend: str) -> Built:
+    ctx.require_backend(backend, params[0].dtype)
     opt = getattr(resfast.optim, spec.cls)(params, backend=backend, **spec.kwargs)
     return Built(opt, opt.step)
 
 
-Builder = Callable[[OptimSpec, list[Tensor], Context], Built]
+Builder = Callable[[OptimSpec, list[Tensor], common.Context], Built]
 BUILDERS: dict[str, Builder] = {
     "torch-forloop": functools.partial(_torch, foreach=False),
     "torch-foreach": functools.partial(_torch, foreach=True),
     "torch-fused": _torch_fused,
     "torch-compile": _torch_compiled,
-    **{
-        f"resfast-{b}": functools.partial(_resfast, backend=b) for b in ("cuda", "triton", "cpu", "reference")
-    },
+    **common.resfast_builders(_resfast),
 }
 TORCH_PATHS = ("torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
 
 
-def trial(case: Case, build: Builder, ctx: Context) -> common.Trial:
+def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
     params = case.fresh()
     built = build(case.spec, params, ctx)
 
@@ -329,14 +315,10 @@ def trial(case: Case, build: Builder, ctx: Context) -> common.Trial:
 
 
 def run_case(
-    case: Case, builders: Mapping[str, Builder], ctx: Context, budget: common.Budget, copy_gbps: float
+    case: Case, builders: Mapping[str, Builder], ctx: common.Context, budget: common.Budget, copy_gbps: float
 ) -> list[dict]:
-    """One row per path: checked against the reference, then timed if it agrees."""
-    rows = []
-    for name, build in builders.items():
-        outcome = common.evaluate(lambda b=build: trial(case, b, ctx), ctx.device, budget)
-        rows.append(common.outcome_row(case.columns(), name, outcome, case.nbytes(), copy_gbps))
-    return rows
+    trials = {name: functools.partial(trial, case, build, ctx) for name, build in builders.items()}
+    return common.run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,7 +364,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _header_lines(ctx: Context, sets: Mapping[str, ParamSet], dtypes: Sequence[torch.dtype]) -> list[str]:
+def _header_lines(
+    ctx: common.Context, sets: Mapping[str, ParamSet], dtypes: Sequence[torch.dtype]
+) -> list[str]:
     auto = ", ".join(f"{common.DTYPE_SHORT[d]}: {backends.choose(ctx.device, d, 'auto')}" for d in dtypes)
     lines = [f"resfast backend='auto' here -> {auto}"]
     for name, s in sets.items():
@@ -403,7 +387,7 @@ def _numel(shape: Shape) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = Context(args.device, args.smoke, common.compile_skip_reason(args))
+    ctx = common.Context.from_args(args)
     budget = common.Budget().smoke() if args.smoke else common.Budget()
     env, copy_gbps = common.start(args.device, args.smoke)
     report = common.Report(common.result_name("optim", args), env, copy_gbps, args.out, CASE_COLUMNS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -266,10 +267,10 @@ def make_case(name: str, batch: int, dtype: torch.dtype, device: torch.device) -
 # ----------------------------------------------------------------------------------------------------
 
 
-def trial(case: Case, path: PathSpec, device: torch.device, compile_skip: str | None) -> common.Trial:
-    if path.compile and compile_skip:
-        raise common.Skip(compile_skip)
-    model = build_model(case.spec, case.weights, device, path.fuse)
+def trial(case: Case, path: PathSpec, ctx: common.Context) -> common.Trial:
+    if path.compile:
+        ctx.require_compile()
+    model = build_model(case.spec, case.weights, ctx.device, path.fuse)
     opt = new_optimizer(path.optimizer, model)
     run: Callable[[Tensor], Tensor] = common.compiled(model) if path.compile else model
     step = make_step(run, opt, case.x, case.y, autocast_dtype(case.dtype))
@@ -284,20 +285,13 @@ def trial(case: Case, path: PathSpec, device: torch.device, compile_skip: str | 
 
 
 def run_case(
-    case: Case,
-    paths: Mapping[str, PathSpec],
-    device: torch.device,
-    compile_skip: str | None,
-    budget: common.Budget,
-    copy_gbps: float,
+    case: Case, paths: Mapping[str, PathSpec], ctx: common.Context, budget: common.Budget, copy_gbps: float
 ) -> list[dict]:
-    rows = []
-    for name, path in paths.items():
-        outcome = common.evaluate(lambda p=path: trial(case, p, device, compile_skip), device, budget)
-        row = common.outcome_row(case.columns(), name, outcome, None, copy_gbps)
-        if outcome.timing is not None:
-            row["img_s"] = case.batch * 1e3 / outcome.timing.ms
-        rows.append(row)
+    trials = {name: functools.partial(trial, case, path, ctx) for name, path in paths.items()}
+    rows = common.run_paths(case.columns(), trials, ctx.device, budget, None, copy_gbps)
+    for row in rows:
+        if "ms" in row:
+            row["img_s"] = case.batch * 1e3 / row["ms"]
     return rows
 
 
@@ -364,7 +358,7 @@ def batch_size(args: argparse.Namespace, spec: ModelSpec) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    compile_skip = common.compile_skip_reason(args)
+    ctx = common.Context.from_args(args)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training scripts do; the same for every path
     fuse, why = common.optional_attr("resfast.nn", "fuse_resnet")
@@ -382,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except common.Skip as e:
                 print(f"skipping {name}: {e}")
                 continue
-            report.add(run_case(case, paths, args.device, compile_skip, budget, copy_gbps), TORCH_PATHS)
+            report.add(run_case(case, paths, ctx, budget, copy_gbps), TORCH_PATHS)
             del case
             common.release(args.device)
     sgd = ", ".join(f"{k}={v}" for k, v in SGD_ARGS.items())

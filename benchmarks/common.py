@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from resfast import backends
 from resfast.backends import BackendUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,6 +192,37 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         # Smoke runs check that a script works; their numbers must never overwrite real results.
         args.out = Path(tempfile.gettempdir()) / "resfast-bench-smoke" if args.smoke else RESULTS
     return args
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a path's builder needs to know about the run."""
+
+    device: torch.device
+    smoke: bool
+    compile_skip: str | None = None  # why torch.compile rows are not run, or None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Context:
+        return cls(args.device, args.smoke, compile_skip_reason(args))
+
+    def require_compile(self) -> None:
+        if self.compile_skip:
+            raise Skip(self.compile_skip)
+
+    def require_backend(self, backend: str, dtype: torch.dtype) -> None:
+        """Raise (a SKIP row) when resfast's `backend` cannot be timed here, saying why."""
+        if backend == "triton" and self.device.type == "cpu" and not self.smoke:
+            # The interpreter checks kernels' correctness; its speed means nothing.
+            raise Skip("triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): run with --smoke")
+        backends.choose(self.device, dtype, backend)
+
+
+def resfast_builders(build: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
+    """A resfast-<backend> path per backend, from a builder taking a `backend` keyword."""
+    return {
+        f"resfast-{b}": functools.partial(build, backend=b) for b in ("cuda", "triton", "cpu", "reference")
+    }
 
 
 def compile_skip_reason(args: argparse.Namespace) -> str | None:
@@ -535,6 +568,21 @@ def _attempt(build: Callable[[], Trial], device: torch.device, budget: Budget) -
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return Outcome("ok", timing, trial.describe(), warmup_s, peak)
+
+
+def run_paths(
+    case: Mapping[str, Any],
+    trials: Mapping[str, Callable[[], Trial]],
+    device: torch.device,
+    budget: Budget,
+    nbytes: int | None,
+    copy_gbps: float,
+) -> list[dict]:
+    """One row per path of a case: built, checked against the reference and, if it agrees, timed."""
+    return [
+        outcome_row(case, name, evaluate(build, device, budget), nbytes, copy_gbps)
+        for name, build in trials.items()
+    ]
 
 
 def evaluate(build: Callable[[], Trial], device: torch.device, budget: Budget) -> Outcome:

@@ -349,7 +349,7 @@ def test_optim_wrong_paths_are_reported_and_not_timed(dtype, monkeypatch):
     timed = _timed_paths(monkeypatch)
     adam = bench_optim.OPTIMIZERS["adam"]
     case = bench_optim.make_case(adam, "tiny", bench_optim.PARAM_SETS["tiny"](), dtype, CPU)
-    ctx = bench_optim.Context(CPU, smoke=True, compile_skip="off")
+    ctx = common.Context(CPU, smoke=True, compile_skip="off")
 
     def lr_off(spec, params, ctx):  # a plausible kernel bug: the learning rate 20% off
         return bench_optim._torch(spec, params, ctx, foreach=False, lr=spec.kwargs["lr"] * 1.2)
@@ -372,12 +372,12 @@ def test_optim_wrong_paths_are_reported_and_not_timed(dtype, monkeypatch):
 
 def test_bn_wrong_paths_are_reported_and_not_timed(monkeypatch):
     timed = _timed_paths(monkeypatch)
-    ctx = bench_bn.Context(CPU, smoke=True, compile_skip="off")
+    ctx = common.Context(CPU, smoke=True, compile_skip="off")
 
-    def no_residual(ctx):
+    def no_residual(ctx, dtype):
         return (lambda x, r, rm, rv, w, b: bench_bn.eager(x, None, rm, rv, w, b)), lambda: ""
 
-    def eval_stats(ctx):  # normalises with the running stats instead of the batch's
+    def eval_stats(ctx, dtype):  # normalises with the running stats instead of the batch's
         op = lambda x, r, rm, rv, w, b: torch.relu(torch.nn.functional.batch_norm(x, rm, rv, w, b, False) + r)  # noqa: E731
         return op, lambda: ""
 
@@ -412,7 +412,8 @@ def test_train_wrong_paths_are_reported_and_not_timed(monkeypatch):
     monkeypatch.setattr(bench_train, "build_model", model)
     paths = {"torch": bench_train.PATHS["torch"], "bad-sgd": bench_train.PATHS["resfast-sgd"]}
     paths["bad-model"] = bench_train.PathSpec(fuse=True, optimizer="torch", compile=False)
-    rows = bench_train.run_case(case, paths, CPU, "off", common.Budget().smoke(), copy_gbps=1.0)
+    ctx = common.Context(CPU, smoke=True, compile_skip="off")
+    rows = bench_train.run_case(case, paths, ctx, common.Budget().smoke(), copy_gbps=1.0)
     assert _status(rows, "torch")["status"] == "ok"
     assert _status(rows, "bad-sgd")["status"] == "WRONG" and "update" in _status(rows, "bad-sgd")["note"]
     assert _status(rows, "bad-model")["status"] == "WRONG" and "logits" in _status(rows, "bad-model")["note"]
