@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["backward", "batch_stats", "forward"]
+__all__ = ["backward", "batch_stats", "forward", "grad_input", "update_running_stats"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -42,11 +42,12 @@ def _reduce_dims(x: Tensor) -> tuple[int, ...]:
     return (0, *range(2, x.dim()))
 
 
-def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int, momentum: float
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count: int | Tensor, momentum: float
 ) -> None:
-    """nn.BatchNorm2d's update: exponential average, with the unbiased variance. Computed in the
-    statistics' dtype and rounded once to the buffers' (which may be bf16)."""
+    """nn.BatchNorm2d's update from batch statistics over `count` values per channel: exponential
+    average, with the unbiased variance. Computed in the statistics' dtype and rounded once to the
+    buffers' (which may be bf16)."""
     unbiased_var = var * (count / (count - 1))
     running_mean.copy_(running_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
     running_var.copy_(running_var.to(var.dtype) * (1 - momentum) + unbiased_var * momentum)
@@ -66,7 +67,7 @@ def batch_stats(
     stats, when given, are updated in place (with the unbiased variance)."""
     var, mean = torch.var_mean(x.to(_compute_dtype(x)), _reduce_dims(x), correction=0)
     if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return mean, var
 
 
@@ -83,7 +84,7 @@ def forward(
     (`torch.empty_like(x)`'s strides, whatever the residual's). mean and var are the batch's
     (training, from `batch_stats`) or the running stats (eval)."""
     ct = _compute_dtype(x)
-    z = (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(torch.rsqrt(var.to(ct) + eps), x)
+    z, _ = _normalized(x, mean, var, eps)
     if weight is not None:
         z = z * _per_channel(weight.to(ct), x)
     if bias is not None:
@@ -112,17 +113,46 @@ def backward(
     """
     ct = _compute_dtype(x)
     dz = torch.where(y > 0, dy, 0).to(ct)
-    invstd = torch.rsqrt(var.to(ct) + eps)
-    xhat = (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(invstd, x)
+    xhat, invstd = _normalized(x, mean, var, eps)
     dims = _reduce_dims(x)
     sum_dz = dz.sum(dims)
     sum_dz_xhat = (dz * xhat).sum(dims)
     dx = None
-    if need_dx:
-        scale = invstd if weight is None else invstd * weight.to(ct)
-        dxhat = dz
-        if training:
-            count = x.numel() // x.shape[1]
-            dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
-        dx = _like(x, dxhat * _per_channel(scale, x))
+    if need_dx and training:
+        dx = grad_input(dz, x, weight, mean, var, eps, sum_dz, sum_dz_xhat, x.numel() // x.shape[1])
+    elif need_dx:
+        dx = _like(x, dz * _per_channel(_scale(invstd, weight), x))
     return dx, _like(x, dz), sum_dz_xhat, sum_dz
+
+
+def grad_input(
+    dz: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
+    count: int | Tensor,
+) -> Tensor:
+    """Training's dx (x's dtype and layout) from dz = dresidual and the per-channel sums of dz and
+    dz * xhat over the `count` values per channel that mean and var were computed from: x's own
+    (`backward`), or every process's batch when the statistics were synchronised (SyncBatchNorm)."""
+    ct = _compute_dtype(x)
+    dz = dz.to(ct)
+    xhat, invstd = _normalized(x, mean, var, eps)
+    dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
+    return _like(x, dxhat * _per_channel(_scale(invstd, weight), x))
+
+
+def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(xhat, invstd) in the compute dtype."""
+    ct = _compute_dtype(x)
+    invstd = torch.rsqrt(var.to(ct) + eps)
+    return (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(invstd, x), invstd
+
+
+def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
+    """weight * invstd, which maps x - mean to the output's normalised part, and dxhat to dx."""
+    return invstd if weight is None else invstd * weight.to(invstd.dtype)

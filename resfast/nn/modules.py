@@ -77,18 +77,22 @@ class BatchNormAddReLU(_BatchNorm):
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         _check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
-        return _apply(
-            _select_backend(x, self.backend),
-            x,
-            residual,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            bn_training,
-            self._momentum(),
-            self.eps,
-        )
+        backend = _select_backend(x, self.backend)
+        return self._apply_op(backend, x, residual, running_mean, running_var, bn_training, self._momentum())
+
+    def _apply_op(
+        self,
+        backend: str,
+        x: Tensor,
+        residual: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        training: bool,
+        momentum: float,
+    ) -> Tensor:
+        """The op on checked inputs (`SyncBatchNormAddReLU` synchronises its statistics here)."""
+        args = (x, residual, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
+        return _apply(backend, *args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"
