@@ -28,6 +28,16 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
+def _no_low_precision_params(master_params: list[Tensor] | None, stochastic_seed: int | None) -> None:
+    # The optimizers never route these here (resfast.backends.choose is told the native kernels lack
+    # them); a direct caller gets told too rather than a silently plain update.
+    if master_params is not None or stochastic_seed is not None:
+        raise NotImplementedError(
+            "the native kernels have no master-weight or stochastic-rounding update yet; use the triton or "
+            "reference backend"
+        )
+
+
 def _present(tensors: list[Tensor | None], used: bool) -> list[Tensor]:
     """An optional state list as the ops take it: the tensors when the option is on, else empty."""
     return [t for t in tensors if t is not None] if used else []
@@ -47,7 +57,10 @@ def sgd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
+    _no_low_precision_params(master_params, stochastic_seed)
     coef = optim_coef.sgd(
         len(params), params[0].device, lr=lr, weight_decay=weight_decay, momentum=momentum,
         dampening=dampening, fresh=fresh,
@@ -75,7 +88,10 @@ def rmsprop(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
+    _no_low_precision_params(master_params, stochastic_seed)
     coef = optim_coef.rmsprop(
         len(params),
         params[0].device,
@@ -104,7 +120,10 @@ def adagrad(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
+    _no_low_precision_params(master_params, stochastic_seed)
     coef = optim_coef.adagrad(
         steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
     )
@@ -129,7 +148,10 @@ def adam(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
+    _no_low_precision_params(master_params, stochastic_seed)
     coef = optim_coef.adam(
         steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         decoupled=decoupled_weight_decay,

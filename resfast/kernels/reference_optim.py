@@ -8,6 +8,11 @@ deliberate differences that make them the specification of a *fused* update:
   rounded once when stored), as torch's fused kernels do; float32/float64 tensors update in place.
 - AMP: ``grad_scale`` divides the gradient (the unscaled gradient is written back to ``.grad``, as
   torch's fused kernels do) and a nonzero ``found_inf`` leaves every tensor untouched.
+- Low-precision params (beyond torch): with ``master_params`` (fp32 copies, one per param) the update
+  runs on the master, which is kept, and the param receives it rounded to nearest-even; with
+  ``stochastic_seed`` a bf16 param is rounded stochastically instead (unbiased; see
+  :func:`stochastic_round_bf16`). The stochastic bits differ between backends; their distribution is
+  what the tests check.
 
 Step counters are not touched here: the optimizer increments them (and undoes the increment when
 ``found_inf`` is set) before calling, so ``steps`` holds the count *including* this step.
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "rmsprop", "sgd", "stochastic_round_bf16"]
 
 
 def _skipped(found_inf: Tensor | None) -> bool:
@@ -34,6 +39,37 @@ def _fp32(t: Tensor) -> Tensor:
 def _store(dst: Tensor, value: Tensor) -> None:
     if value is not dst:
         dst.copy_(value)
+
+
+def stochastic_round_bf16(value: Tensor, generator: torch.Generator) -> Tensor:
+    """fp32 `value` rounded to bf16 stochastically: add 16 random bits below bf16's last bit, then
+    truncate, so a value between two bf16 neighbours lands on each with probability proportional to
+    its nearness (the expected stored value is exact). Non-finite values pass through."""
+    noise = torch.randint(
+        0, 1 << 16, value.shape, dtype=torch.int32, device=value.device, generator=generator
+    )
+    rounded = ((value.contiguous().view(torch.int32) + noise) & -(1 << 16)).view(torch.float32)
+    return torch.where(value.isfinite(), rounded, value).to(torch.bfloat16)
+
+
+class _Params:
+    """Where each update reads its fp32 param from and writes it to (see the module docstring)."""
+
+    def __init__(self, params: list[Tensor], masters: list[Tensor] | None, seed: int | None) -> None:
+        self.params, self.masters, self.seed = params, masters, seed
+
+    def load(self, i: int) -> Tensor:
+        return self.masters[i] if self.masters is not None else _fp32(self.params[i])
+
+    def store(self, i: int, value: Tensor) -> None:
+        param = self.params[i]
+        if self.masters is not None:
+            param.copy_(value)  # value is the master, already updated in place
+        elif self.seed is not None and param.dtype == torch.bfloat16:
+            generator = torch.Generator(device=param.device).manual_seed(self.seed + i)
+            param.copy_(stochastic_round_bf16(value, generator))
+        else:
+            _store(param, value)
 
 
 def _grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
@@ -58,13 +94,16 @@ def sgd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     """SGD. ``momentum_buffers[i]`` is None when momentum is 0; ``fresh[i]`` marks a buffer created
     for this step, which starts as the gradient itself (no dampening), as in torch."""
     if _skipped(found_inf):
         return
-    for param, grad, buf, is_fresh in zip(params, grads, momentum_buffers, fresh, strict=True):
-        p = _fp32(param)
+    out = _Params(params, master_params, stochastic_seed)
+    for i, (grad, buf, is_fresh) in enumerate(zip(grads, momentum_buffers, fresh, strict=True)):
+        p = out.load(i)
         g = _grad(grad, grad_scale, maximize)
         if weight_decay != 0:
             g = g + p * weight_decay
@@ -78,7 +117,7 @@ def sgd(
             _store(buf, b)
             g = g.add(b, alpha=momentum) if nesterov else b
         p.sub_(g * lr)
-        _store(param, p)
+        out.store(i, p)
 
 
 def rmsprop(
@@ -98,13 +137,16 @@ def rmsprop(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     """RMSprop. ``grad_avgs[i]`` is None unless centered; ``momentum_buffers[i]`` None unless momentum > 0.
     ``steps`` is counted (torch keeps it in the state) but not used by the maths."""
     if _skipped(found_inf):
         return
-    for i, param in enumerate(params):
-        p = _fp32(param)
+    out = _Params(params, master_params, stochastic_seed)
+    for i in range(len(params)):
+        p = out.load(i)
         g = _grad(grads[i], grad_scale, maximize)
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
@@ -130,7 +172,7 @@ def rmsprop(
             p.sub_(buf * lr)
         else:
             p.sub_(g / avg * lr)
-        _store(param, p)
+        out.store(i, p)
 
 
 def adagrad(
@@ -146,16 +188,19 @@ def adagrad(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     """Adagrad, including torch's sparse-gradient update (which only this backend runs)."""
     if _skipped(found_inf):
         return
-    for param, grad, state_sum, step_t in zip(params, grads, state_sums, steps, strict=True):
+    out = _Params(params, master_params, stochastic_seed)
+    for i, (param, grad, state_sum, step_t) in enumerate(zip(params, grads, state_sums, steps, strict=True)):
         clr = lr / (1 + (step_t.item() - 1) * lr_decay)
         if grad.is_sparse:
             _adagrad_sparse(param, grad, state_sum, clr, weight_decay, eps, maximize, grad_scale)
             continue
-        p = _fp32(param)
+        p = out.load(i)
         g = _grad(grad, grad_scale, maximize)
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
@@ -163,7 +208,7 @@ def adagrad(
         s.addcmul_(g, g, value=1)
         p.sub_(g / s.sqrt().add_(eps) * clr)
         _store(state_sum, s)
-        _store(param, p)
+        out.store(i, p)
 
 
 def _adagrad_sparse(
@@ -210,12 +255,15 @@ def adam(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     """Adam; AdamW is ``decoupled_weight_decay=True``. ``max_exp_avg_sqs[i]`` is None unless amsgrad."""
     if _skipped(found_inf):
         return
-    for i, param in enumerate(params):
-        p = _fp32(param)
+    out = _Params(params, master_params, stochastic_seed)
+    for i in range(len(params)):
+        p = out.load(i)
         g = _grad(grads[i], grad_scale, maximize)
         step = steps[i].item()
         if weight_decay != 0:
@@ -239,4 +287,4 @@ def adam(
             v = vmax
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.sub_(m / denom * (lr / bias_correction1))
-        _store(param, p)
+        out.store(i, p)

@@ -96,6 +96,30 @@ def _load(ptr, offs, mask):
     return tl.load(ptr + offs, mask=mask).to(tl.float32)
 
 
+@triton.jit
+def _store_param(
+    p_ptr, table_ptr, t, offs, value, mask, seed,
+    NCOL: tl.constexpr, DTYPE: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+):  # fmt: skip
+    """Store the updated param `value` (fp32).
+
+    MASTER: p_ptr is the fp32 master copy; the param itself (table column NCOL - 2) gets the value
+    rounded to nearest-even. SR (bf16 only): the param gets the value rounded stochastically: 16
+    random bits added below bf16's last bit, then truncated, so the expected stored value is the
+    exact one. Otherwise the param is rounded to nearest-even."""
+    if MASTER:
+        tl.store(p_ptr + offs, value, mask=mask)
+        store_rounded(_ptr(table_ptr, t, NCOL - 2, NCOL, DTYPE), offs, value, mask)
+    elif SR:
+        # One stream per (step seed, tensor); offsets past 2^31 wrap, which only correlates the noise.
+        noise = tl.randint(seed + t, offs.to(tl.int32)) & 0xFFFF
+        bits = (value.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
+        value = tl.where(tl.abs(value) < float("inf"), bits.to(tl.float32, bitcast=True), value)
+        tl.store(p_ptr + offs, value.to(DTYPE), mask=mask)  # exact: the low 16 bits are zero
+    else:
+        store_rounded(p_ptr, offs, value, mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels. Common arguments:
 #   rows_ptr       int64 [n_rows, 2]: (tensor index, first element) of each program's chunk
@@ -103,21 +127,25 @@ def _load(ptr, offs, mask):
 #   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns as in resfast.kernels.optim_coef
 #   grad_scale_ptr float32 [1]: GradScaler's scale (read only if HAS_SCALE)
 #   found_inf_ptr  float32 [1]: nonzero means skip the whole update (read only if HAS_INF)
+#   seed           int: the step's random seed for stochastic rounding (read only if SR)
 #   DTYPE          storage dtype of every tensor in the launch; math is fp32
+#   MASTER         column 0 is an fp32 master copy of the param, which is the last address column
+#   SR             round the bf16 param stochastically (see _store_param)
 # ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _sgd_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
     HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad[, momentum_buffer], numel
     # coef columns: lr, weight_decay, momentum, 1 - dampening, fresh (1.0: buffer starts as the grad)
-    NCOL: tl.constexpr = 4 if HAS_MOMENTUM else 3
+    NCOL: tl.constexpr = (4 if HAS_MOMENTUM else 3) + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
-    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     c = coef_ptr + t * 5
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
@@ -133,21 +161,22 @@ def _sgd_kernel(
             g = g + b * momentum
         else:
             g = b
-    store_rounded(p_ptr, offs, p - g * tl.load(c), mask)
+    _store_param(p_ptr, table_ptr, t, offs, p - g * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
 
 
 @triton.jit
 def _rmsprop_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
     HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, square_avg[, grad_avg][, momentum_buffer], numel
     # coef columns: lr, alpha, 1 - alpha, eps, weight_decay, momentum
-    NCOL: tl.constexpr = 4 + CENTERED + HAS_MOMENTUM
+    NCOL: tl.constexpr = 4 + CENTERED + HAS_MOMENTUM + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
     c = coef_ptr + t * 6
-    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if HAS_WD:
@@ -170,21 +199,21 @@ def _rmsprop_kernel(
         update = b
     else:
         update = g / avg
-    store_rounded(p_ptr, offs, p - update * tl.load(c), mask)
+    _store_param(p_ptr, table_ptr, t, offs, p - update * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
 
 
 @triton.jit
 def _adagrad_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
     HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, sum, numel
     # coef columns: clr = lr / (1 + (step - 1) * lr_decay), weight_decay, eps
-    NCOL: tl.constexpr = 4
+    NCOL: tl.constexpr = 4 + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
     c = coef_ptr + t * 3
-    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if HAS_WD:
@@ -192,23 +221,36 @@ def _adagrad_kernel(
     s_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     s = _load(s_ptr, offs, mask) + g * g
     store_rounded(s_ptr, offs, s, mask)
-    store_rounded(p_ptr, offs, p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c), mask)
+    _store_param(
+        p_ptr,
+        table_ptr,
+        t,
+        offs,
+        p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c),
+        mask,
+        seed,
+        NCOL,
+        DTYPE,
+        MASTER,
+        SR,
+    )
 
 
 @triton.jit
 def _adam_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
     WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # WD_MODE: 0 no weight decay, 1 added to the grad (Adam), 2 decoupled (AdamW)
     # table columns: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq], numel
     # coef columns: step_size = lr / (1 - beta1^step), sqrt(1 - beta2^step), 1 - beta1, beta2,
     #               1 - beta2, eps, weight_decay (WD_MODE 1) or 1 - lr * weight_decay (WD_MODE 2)
-    NCOL: tl.constexpr = 6 if AMSGRAD else 5
+    NCOL: tl.constexpr = (6 if AMSGRAD else 5) + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
     c = coef_ptr + t * 7
-    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if WD_MODE == 1:
@@ -226,7 +268,7 @@ def _adam_kernel(
         v = tl.maximum(_load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         store_rounded(vmax_ptr, offs, v, mask)
     denom = tl.sqrt(v) / tl.load(c + 1) + tl.load(c + 5)
-    store_rounded(p_ptr, offs, p - m / denom * tl.load(c), mask)
+    _store_param(p_ptr, table_ptr, t, offs, p - m / denom * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,10 +313,14 @@ def _launch(
     coef: Tensor,
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    master_params: Sequence[Tensor] | None,
+    stochastic_seed: int | None,
     **flags: object,
 ) -> None:
     params = tensor_lists[0]
-    device = params[0].device
+    device, dtype = params[0].device, params[0].dtype
+    if master_params is not None:  # the master is what the kernel updates; the param is written last
+        tensor_lists = [master_params, *tensor_lists[1:], params]
     rows, table = _work_table(tensor_lists, device)
     if rows.shape[0] == 0:
         return
@@ -284,9 +330,9 @@ def _launch(
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         kernel[(rows.shape[0],)](
-            rows, table, coef, scale, inf,
-            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-            DTYPE=_TL_DTYPES[params[0].dtype], BLOCK=BLOCK, **flags,
+            rows, table, coef, scale, inf, stochastic_seed or 0,
+            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, DTYPE=_TL_DTYPES[dtype],
+            BLOCK=BLOCK, MASTER=master_params is not None, SR=stochastic_seed is not None, **flags,
         )  # fmt: skip
 
 
@@ -310,6 +356,8 @@ def sgd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     has_momentum = momentum != 0
     coef = optim_coef.sgd(
@@ -318,7 +366,7 @@ def sgd(
     )  # fmt: skip
     _launch(
         _sgd_kernel, [params, grads, momentum_buffers] if has_momentum else [params, grads], coef,
-        grad_scale, found_inf,
+        grad_scale, found_inf, master_params, stochastic_seed,
         HAS_WD=bool(weight_decay != 0), HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
     )  # fmt: skip
 
@@ -341,6 +389,8 @@ def rmsprop(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     lists = [params, grads, square_avgs]
     if centered:
@@ -357,7 +407,7 @@ def rmsprop(
         momentum=momentum,
     )
     _launch(
-        _rmsprop_kernel, lists, coef, grad_scale, found_inf,
+        _rmsprop_kernel, lists, coef, grad_scale, found_inf, master_params, stochastic_seed,
         HAS_WD=weight_decay != 0, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
     )  # fmt: skip
 
@@ -376,12 +426,15 @@ def adagrad(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     coef = optim_coef.adagrad(
         steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
     )
     _launch(
-        _adagrad_kernel, [params, grads, state_sums], coef, grad_scale, found_inf,
+        _adagrad_kernel, [params, grads, state_sums], coef,
+        grad_scale, found_inf, master_params, stochastic_seed,
         HAS_WD=weight_decay != 0, MAXIMIZE=maximize,
     )  # fmt: skip
 
@@ -405,6 +458,8 @@ def adam(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
 ) -> None:
     coef = optim_coef.adam(
         steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -412,7 +467,7 @@ def adam(
     )  # fmt: skip
     lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     _launch(
-        _adam_kernel, lists, coef, grad_scale, found_inf,
+        _adam_kernel, lists, coef, grad_scale, found_inf, master_params, stochastic_seed,
         WD_MODE=optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay), AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
     )  # fmt: skip

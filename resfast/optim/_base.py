@@ -106,16 +106,23 @@ class Batch:
     states: dict[str, list[Tensor]]
     steps: list[Tensor]
     fresh: list[bool]  # per param: were its states created for this step (SGD's momentum starts)
-    amp: dict[str, Tensor | None]  # grad_scale and found_inf, as the kernels take them
+    extra: dict[str, Any]  # grad_scale, found_inf, master_params, stochastic_seed: kernel keywords
 
     def optional(self, key: str) -> list[Tensor | None]:
         """An optional state's list (None per param when the option is off)."""
         return self.states.get(key, [None] * len(self.params))
 
 
+# Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
+MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
+# The backends whose kernels implement those two updates (the native ones do not yet).
+_LOW_PRECISION_BACKENDS = ("triton", "reference")
+
+
 @dataclass
 class _Bucket:
     backend: str
+    mode: str | None = None  # MASTER, STOCHASTIC or None (plain update)
     params: list[Tensor] = field(default_factory=list)
 
 
@@ -137,24 +144,53 @@ class FusedStep:
     state: dict[Tensor, dict[str, Any]]
     defaults: dict[str, Any]
 
-    def _init_backend(self, backend: str) -> None:
+    def _init_backend(
+        self, backend: str, master_weights: bool = False, bf16_stochastic_rounding: bool = False
+    ) -> None:
+        """resfast's own options. master_weights: keep an fp32 copy of every bf16/fp16 param in its state
+        ("master_param"), update it and store the param rounded from it. bf16_stochastic_rounding:
+        no copy; round every updated bf16 param stochastically (unbiased). At most one of the two."""
+        if master_weights and bf16_stochastic_rounding:
+            raise ValueError(
+                "master_weights and bf16_stochastic_rounding are alternatives (stochastic rounding replaces "
+                "the master copy); choose one"
+            )
         self.backend = backends.validate(backend)
+        self.master_weights = bool(master_weights)
+        self.bf16_stochastic_rounding = bool(bf16_stochastic_rounding)
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
 
+    def _options(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "master_weights": self.master_weights,
+            "bf16_stochastic_rounding": self.bf16_stochastic_rounding,
+        }
+
     def __getstate__(self) -> dict[str, Any]:
-        # torch pickles only defaults/state/param_groups; the backend choice travels too.
-        return {**super().__getstate__(), "backend": self.backend}  # type: ignore[misc]
+        # torch pickles only defaults/state/param_groups; resfast's options travel too.
+        return {**super().__getstate__(), "resfast_options": self._options()}  # type: ignore[misc]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "backend" not in state:
+        if "resfast_options" not in state:
             # load_state_dict lands here, after its pre-hooks and casts, with the state keyed by our
             # params: the last point before anything changes (torch's own __setstate__ would already
             # replace the state before it finds, say, a missing `step`).
             self._check_loaded_state(state["state"], state["param_groups"])
         super().__setstate__(state)  # type: ignore[misc]
-        # Unpickling brings "backend"; load_state_dict also lands here, without it: keep ours.
-        self._init_backend(state.get("backend", getattr(self, "backend", "auto")))
+        # Unpickling brings the options; load_state_dict also lands here, without them: keep ours.
+        self._init_backend(**(state.get("resfast_options") or self._options()))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load_state_dict, except that master copies stay fp32 (torch casts every floating
+        state to its param's dtype, which would round a master copy to bf16)."""
+        masters = {i: s["master_param"] for i, s in state_dict["state"].items() if "master_param" in s}
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, master in masters.items():
+            p = params[index]
+            self.state[p]["master_param"] = master.to(device=p.device, dtype=torch.float32, copy=True)
 
     def _check_loaded_state(self, state: dict[Any, Any], param_groups: list[dict[str, Any]]) -> None:
         """Refuse a loaded state that a step would silently misread.
@@ -205,10 +241,30 @@ class FusedStep:
                 backend = "reference"
             else:
                 self._check_capturable(group, p)
-                backend = backends.choose(p.device, _kernel_view(p).dtype, self.backend)
-            key = (p.device, p.dtype, backend)
-            buckets.setdefault(key, _Bucket(backend)).params.append(p)
+                backend = self._choose_backend(p)
+            mode = self._low_precision_mode(p)
+            key = (p.device, p.dtype, backend, mode)
+            buckets.setdefault(key, _Bucket(backend, mode)).params.append(p)
         return list(buckets.values())
+
+    def _low_precision_mode(self, p: Tensor) -> str | None:
+        if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+            return MASTER
+        if self.bf16_stochastic_rounding and p.dtype == torch.bfloat16:
+            return STOCHASTIC
+        return None
+
+    def _choose_backend(self, p: Tensor) -> str:
+        mode = self._low_precision_mode(p)
+        if mode is None:
+            return backends.choose(p.device, _kernel_view(p).dtype, self.backend)
+        return backends.choose(
+            p.device,
+            _kernel_view(p).dtype,
+            self.backend,
+            implemented=_LOW_PRECISION_BACKENDS,
+            op=f"{mode} update",
+        )
 
     def _check_capturable(self, group: dict[str, Any], p: Tensor) -> None:
         # torch raises this for capturable params on devices that cannot be captured (e.g. CPU); not
@@ -224,7 +280,8 @@ class FusedStep:
     def _init_state(self, group: dict[str, Any], p: Tensor) -> bool:
         """Give p every state tensor the kernel needs (created as torch creates it); return whether a
         new one was created in this call (SGD needs that to start its momentum buffer)."""
-        if not self._has_step and not self._state_keys(group):
+        master = self._low_precision_mode(p) == MASTER
+        if not self._has_step and not self._state_keys(group) and not master:
             return False  # e.g. SGD without momentum: torch keeps no state at all
         state = self.state[p]
         created = False
@@ -239,6 +296,8 @@ class FusedStep:
             if state.get(key) is None:
                 state[key] = self._new_state(group, p, key)
                 created = True
+        if master and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)  # same strides as p
         return created
 
     def _split_by_layout(self, group: dict[str, Any], bucket: _Bucket) -> Iterator[_Bucket]:
@@ -247,15 +306,23 @@ class FusedStep:
             yield bucket
             return
         keys = self._state_keys(group)
-        fast, slow = _Bucket(bucket.backend), _Bucket("reference")
+        fast, slow = _Bucket(bucket.backend, bucket.mode), _Bucket("reference", bucket.mode)
         for p in bucket.params:
             others = [_kernel_view(t) for t in (p.grad, *(self.state[p][k] for k in keys))]
-            (fast if fast_layout(_kernel_view(p), others) else slow).params.append(p)
+            master = self.state[p].get("master_param") if bucket.mode == MASTER else None
+            # The fp32 master differs from the param in dtype only: it must share its shape and strides.
+            same_span = master is None or (master.shape == p.shape and master.stride() == p.stride())
+            (fast if same_span and fast_layout(_kernel_view(p), others) else slow).params.append(p)
         yield from (b for b in (fast, slow) if b.params)
 
     def _run(
-        self, group: dict[str, Any], bucket: _Bucket, grad_scale: Tensor | None, found_inf: Tensor | None
-    ):
+        self,
+        group: dict[str, Any],
+        bucket: _Bucket,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        seed: int | None,
+    ) -> None:
         keys = self._state_keys(group)
         created = {id(p): self._init_state(group, p) for p in bucket.params}
         for sub in self._split_by_layout(group, bucket):
@@ -274,7 +341,16 @@ class FusedStep:
                 states=states,
                 steps=steps,
                 fresh=[created[id(p)] for p in params],
-                amp={"grad_scale": grad_scale, "found_inf": found_inf},
+                extra={
+                    "grad_scale": grad_scale,
+                    "found_inf": found_inf,
+                    "master_params": (
+                        [_kernel_view(self.state[p]["master_param"]) for p in params]
+                        if sub.mode == MASTER
+                        else None
+                    ),
+                    "stochastic_seed": seed if sub.mode == STOCHASTIC else None,
+                },
             )
             self._update(getattr(kernel_module(sub.backend), self._kernel), group, batch)
 
@@ -297,7 +373,10 @@ class FusedStep:
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         plans = [self._plan(group) for group in self.param_groups]
+        # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
+        # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
+        seed = int(torch.randint(0, 2**30, ()).item()) if self.bf16_stochastic_rounding else None
         for group, buckets in zip(self.param_groups, plans, strict=True):
             for bucket in buckets:
-                self._run(group, bucket, grad_scale, found_inf)
+                self._run(group, bucket, grad_scale, found_inf, seed)
         return loss

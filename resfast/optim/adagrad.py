@@ -36,13 +36,15 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self._init_backend(backend)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("sum",)
@@ -57,5 +59,5 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
         fn(
             b.params, b.grads, b.states["sum"], b.steps,
             lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=group["maximize"], **b.amp,
+            eps=group["eps"], maximize=group["maximize"], **b.extra,
         )  # fmt: skip

@@ -29,7 +29,7 @@ class _AdamStep(FusedStep):
             b.steps,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)), **b.amp,
+            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)), **b.extra,
         )  # fmt: skip
 
 
@@ -57,6 +57,8 @@ class Adam(_AdamStep, torch.optim.Adam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
@@ -64,7 +66,7 @@ class Adam(_AdamStep, torch.optim.Adam):
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
             fused=fused, decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
-        self._init_backend(backend)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
@@ -85,6 +87,8 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
@@ -92,4 +96,4 @@ class AdamW(_AdamStep, torch.optim.AdamW):
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused,
         )  # fmt: skip
-        self._init_backend(backend)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding)

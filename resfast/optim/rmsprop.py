@@ -38,13 +38,15 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
         differentiable: bool = False,
         *,
         backend: str = "auto",
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
             differentiable,
         )  # fmt: skip
-        self._init_backend(backend)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return (
@@ -61,5 +63,5 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
             b.params, b.grads, b.states["square_avg"], b.optional("grad_avg"), b.optional("momentum_buffer"),
             b.steps,
             lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"], **b.amp,
+            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"], **b.extra,
         )  # fmt: skip

@@ -37,13 +37,15 @@ class SGD(FusedStep, torch.optim.SGD):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self._init_backend(backend)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
 
     def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -53,7 +55,7 @@ class SGD(FusedStep, torch.optim.SGD):
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
-        found_inf = b.amp["found_inf"]
+        found_inf = b.extra["found_inf"]
         if any(b.fresh) and found_inf is not None and found_inf.item():
             # A skipped first step must leave no buffer behind, so the next one starts from the grad
             # as torch's does. This host sync happens only on a buffer's first step.
@@ -64,5 +66,5 @@ class SGD(FusedStep, torch.optim.SGD):
         fn(
             b.params, b.grads, b.optional("momentum_buffer"), b.fresh,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], **b.amp,
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], **b.extra,
         )  # fmt: skip
