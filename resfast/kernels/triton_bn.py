@@ -384,6 +384,21 @@ def _walkable(t: Tensor) -> Tensor:
     return t if _flat_strides(t) is not None else t.contiguous()
 
 
+def _output_like(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, target): out is `torch.empty_like(x)`, the layout the ops promise; target is what the
+    kernels write, out itself or, when out's spatial dims cannot be flattened into one stride (a
+    dense x with permuted spatial dims, e.g. x.transpose(2, 3)), a contiguous tensor that
+    `_copy_back` copies into out afterwards."""
+    out = torch.empty_like(x)
+    if _flat_strides(out) is not None:
+        return out, out
+    return out, torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _copy_back(out: Tensor, target: Tensor) -> Tensor:
+    return out if target is out else out.copy_(target)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How the kernels of one pass walk its tensors (all of x's shape) as (N, C, S) tiles."""
@@ -434,7 +449,10 @@ def _plan(tensors: Sequence[Tensor | None]) -> _Plan:
     assert x is not None and x.numel() > 0, "empty inputs are handled by the caller"
     N, C = x.shape[0], x.shape[1]
     count = x.numel() // C
-    N, S, strides = _merge_batch(N, count // N, [None if t is None else _flat_strides(t) for t in tensors])
+    flat = [None if t is None else _flat_strides(t) for t in tensors]
+    # An unwalkable tensor would otherwise be indexed with (0, 0, 0) strides, like an absent one.
+    assert all(st is not None for t, st in zip(tensors, flat, strict=True) if t is not None), "not walkable"
+    N, S, strides = _merge_batch(N, count // N, flat)
     _, stride_s, stride_c = strides[0]
     block_s, block_c = _block_sizes(C, S, S == 1 or abs(stride_c) < abs(stride_s))
     num_s_blocks = triton.cdiv(S, block_s)
@@ -532,7 +550,7 @@ def forward(
 ) -> Tensor:
     """y, as `reference_bn.forward` (x's dtype, `torch.empty_like(x)`'s layout)."""
     weight, bias, mean, var = map(_unit_stride, (weight, bias, mean, var))
-    y = torch.empty_like(x)
+    out, y = _output_like(x)
     x = _walkable(x)
     residual = None if residual is None else _walkable(residual)
     plan = _plan([x, residual, y])
@@ -557,7 +575,7 @@ def forward(
         BLOCK_C=plan.block_c,
         num_warps=plan.num_warps,
     )
-    return y
+    return _copy_back(out, y)
 
 
 def backward(
@@ -572,8 +590,10 @@ def backward(
     need_dx: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """(dx or None, dresidual, dweight, dbias), as `reference_bn.backward`; dweight, dbias fp32."""
-    dz = torch.empty_like(x)
-    dx = torch.empty_like(x) if need_dx else None
+    # The saved weight and statistics may be strided views (the kernels index them as ptr + c).
+    weight, mean, var = map(_unit_stride, (weight, mean, var))
+    dz_out, dz = _output_like(x)
+    dx_out, dx = _output_like(x) if need_dx else (None, None)
     dy, x, y = _walkable(dy), _walkable(x), _walkable(y)
     plan = _plan([x, dy, y, dz, dx])
     tiles_per_split, splits = _splits(plan, x.device)
@@ -615,7 +635,8 @@ def backward(
     )
     if dx is not None:
         _launch_grad_input(plan, plan.strides_of(3, 0, 4), dz, x, dx, mean, coef, training)
-    return dx, dz, dweight, dbias
+        dx = _copy_back(dx_out, dx)
+    return dx, _copy_back(dz_out, dz), dweight, dbias
 
 
 def grad_input(
@@ -630,7 +651,7 @@ def grad_input(
     count: int | Tensor,
 ) -> Tensor:
     """Training's dx from given per-channel sums over `count` values, as `reference_bn.grad_input`."""
-    dx = torch.empty_like(x)
+    dx_out, dx = _output_like(x)
     dz, x = _walkable(dz), _walkable(x)
     plan = _plan([x, dz, dx])
     # alpha, beta, gamma as _grad_finalize_kernel computes them, from the given sums and count.
@@ -638,7 +659,7 @@ def grad_input(
     scale = invstd if weight is None else invstd * weight.float()
     coef = torch.stack([scale, -scale * invstd * sum_dz_xhat / count, -scale * sum_dz / count])
     _launch_grad_input(plan, plan.strides_of(1, 0, 2), dz, x, dx, mean.contiguous(), coef, True)
-    return dx
+    return _copy_back(dx_out, dx)
 
 
 def _launch_grad_input(
