@@ -40,9 +40,24 @@ def _train_step(model: nn.Module, run: nn.Module, x: torch.Tensor) -> dict[str, 
     }
 
 
+class _RecordingBackend:
+    """A torch.compile backend that notes the functions its graphs call, then hands them on."""
+
+    def __init__(self, backend: str) -> None:
+        self.inner = torch._dynamo.lookup_backend(backend)
+        self.called: set[str] = set()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.called |= {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+        return self.inner(gm, example_inputs)
+
+
 def _compare(model: nn.Module, x: torch.Tensor, backend: str, rtol: float) -> None:
+    """Compiled (fullgraph=True: a graph break raises) against eager, in training and eval; the
+    graph must hold the registered ops, not a trace through the eager path's kernels."""
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True, backend=backend)  # fullgraph: a break raises
+    recording = _RecordingBackend(backend)
+    compiled = torch.compile(model, fullgraph=True, backend=recording)
     got, want = _train_step(model, compiled, x), _train_step(eager, eager, x)
     assert got.keys() == want.keys()
     for name, value in want.items():
@@ -50,6 +65,7 @@ def _compare(model: nn.Module, x: torch.Tensor, backend: str, rtol: float) -> No
     model.eval()
     eager.eval()
     _assert_close(compiled(x), eager(x), "eval output", rtol)
+    assert {"resfast.bn_stats.default", "resfast.bn_add_relu_fwd.default"} <= recording.called
 
 
 def test_fused_resnet18_compiles_as_one_graph() -> None:

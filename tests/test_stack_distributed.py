@@ -100,8 +100,9 @@ def _fsdp2(rank: int, model: nn.Module, optimizer: str) -> dict[str, torch.Tenso
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in (model[0], model[3]):
-        fully_shard(layer, mesh=mesh)
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = _optimizer(optimizer, model.parameters())
     _train(model, opt, rank, WORLD)
@@ -123,8 +124,11 @@ SCENARIOS: dict[str, tuple[Callable[[], nn.Module], str, Callable[..., dict[str,
     "fsdp2 Adam": (_small_model, "Adam", _fsdp2),
     "fsdp2 SGD momentum": (_small_model, "SGD", _fsdp2),
     # With synchronised statistics the processes' half batches normalise as the whole batch does, so
-    # the running stats too must equal the single process's.
+    # the running stats too must equal the single process's. SGD, because Adam's first updates are
+    # +-lr for every gradient element however small: where a ResNet's gradient is ~0, rounding picks
+    # the direction, and two correct runs then differ by ~lr.
     "ddp fused resnet with SyncBatchNormAddReLU": (_synced_resnet, "SGD", _ddp),
+    "fsdp2 fused resnet with SyncBatchNormAddReLU": (_synced_resnet, "SGD", _fsdp2),
 }
 
 

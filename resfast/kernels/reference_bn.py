@@ -119,7 +119,7 @@ def backward(
     sum_dz_xhat = (dz * xhat).sum(dims)
     dx = None
     if need_dx and training:
-        dx = grad_input(dz, x, weight, mean, var, eps, sum_dz, sum_dz_xhat, x.numel() // x.shape[1])
+        dx = _grad_input(dz, x, xhat, invstd, weight, sum_dz, sum_dz_xhat, x.numel() // x.shape[1])
     elif need_dx:
         dx = _like(x, dz * _per_channel(_scale(invstd, weight), x))
     return dx, _like(x, dz), sum_dz_xhat, sum_dz
@@ -139,9 +139,21 @@ def grad_input(
     """Training's dx (x's dtype and layout) from dz = dresidual and the per-channel sums of dz and
     dz * xhat over the `count` values per channel that mean and var were computed from: x's own
     (`backward`), or every process's batch when the statistics were synchronised (SyncBatchNorm)."""
-    ct = _compute_dtype(x)
-    dz = dz.to(ct)
     xhat, invstd = _normalized(x, mean, var, eps)
+    return _grad_input(dz.to(xhat.dtype), x, xhat, invstd, weight, sum_dz, sum_dz_xhat, count)
+
+
+def _grad_input(
+    dz: Tensor,
+    x: Tensor,
+    xhat: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    sum_dz: Tensor,
+    sum_dz_xhat: Tensor,
+    count: int | Tensor,
+) -> Tensor:
+    """`grad_input` with xhat and invstd already computed (and dz in the compute dtype)."""
     dxhat = dz - _per_channel(sum_dz / count, x) - xhat * _per_channel(sum_dz_xhat / count, x)
     return _like(x, dxhat * _per_channel(_scale(invstd, weight), x))
 
