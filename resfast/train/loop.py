@@ -158,7 +158,8 @@ def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
         torch.cuda.synchronize(run.device)  # the GPU's work belongs to this epoch's time
     seconds = time.perf_counter() - start_time
     loss, acc = totals.means(dist)
-    bar.close(loss=f"{loss:.4f}", acc=f"{acc:.2%}", lr=f"{plan.lr:.4g}")
+    # The bar's last word matches the epoch's metrics.jsonl line (not the epoch's partial last batch).
+    bar.close(loss=f"{loss:.4f}", acc=f"{acc:.2%}", lr=f"{plan.lr:.4g}", batch=plan.batch_size)
     return {"train_loss": loss, "train_acc": acc, "epoch_time_s": seconds}
 
 
