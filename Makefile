@@ -17,7 +17,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	$(PIP) install --quiet $(TORCH_PIN) ninja setuptools wheel
 	RESFAST_REQUIRE_EXT=1 $(PIP) install --no-build-isolation -e ".[dev,train]"
 	touch $(STAMP)

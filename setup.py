@@ -31,6 +31,14 @@ def _skip(reason: str) -> dict:
     return {}
 
 
+def _openmp_flags(torch) -> list[str]:
+    """-fopenmp where torch's threads are OpenMP's: there at::parallel_for is an inline `omp parallel`
+    region that, compiled without the flag, runs on one thread. The runtime it links (libgomp.so.1) is
+    the one torch has already loaded."""
+    uses_openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return ["-fopenmp"] if uses_openmp and sys.platform.startswith("linux") else []
+
+
 def _extension_kwargs() -> dict:
     if os.environ.get("RESFAST_BUILD_EXT", "1") == "0":
         return _skip("RESFAST_BUILD_EXT=0")
@@ -42,9 +50,11 @@ def _extension_kwargs() -> dict:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return _skip("no C++ compiler found (set CXX)")
 
-    sources = ["csrc/ops.cpp", "csrc/cpu/optim.cpp"]
+    # The baseline files first: header functions the per-ISA files share with them link from these.
+    sources = ["csrc/ops.cpp", "csrc/cpu/optim.cpp", "csrc/cpu/optim_avx2.cpp", "csrc/cpu/optim_avx512.cpp"]
     # No -std flag: torch's build helper passes the standard the installed torch needs (C++17 or 20).
-    compile_args = {"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]}
+    compile_args = {"cxx": ["-O3", *_openmp_flags(torch)], "nvcc": ["-O3", "-lineinfo"]}
+    link_args = _openmp_flags(torch)
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME and os.path.exists(nvcc):
         sources.append("csrc/cuda/optim.cu")
@@ -53,12 +63,13 @@ def _extension_kwargs() -> dict:
             sources,
             extra_compile_args=compile_args,
             define_macros=[("RESFAST_WITH_CUDA", None)],
+            extra_link_args=link_args,
         )
         _note(f"building CPU and CUDA kernels (nvcc: {nvcc})")
     else:
         why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)"
         extension = cpp_extension.CppExtension(
-            "resfast._C", sources, extra_compile_args={"cxx": compile_args["cxx"]}
+            "resfast._C", sources, extra_compile_args={"cxx": compile_args["cxx"]}, extra_link_args=link_args
         )
         _note(f"building CPU kernels only: {why}")
 

@@ -7,6 +7,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/optim_kernels.h"
+
 TORCH_LIBRARY(resfast, m) {
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "
@@ -29,6 +31,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The torch this was compiled against: resfast.backends refuses a mismatched build instead of crashing.
   m.attr("TORCH_VERSION") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                             std::to_string(TORCH_VERSION_PATCH);
+  m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
+        "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
 #ifdef RESFAST_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

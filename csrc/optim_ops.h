@@ -22,11 +22,12 @@
 namespace resfast {
 
 // The ops are public (torch.ops.resfast.*): validate what the kernels assume, with clear errors.
-inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tensor& coef) {
+// `columns`: the op's coefficient count (resfast/kernels/optim_coef.py).
+inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tensor& coef, int64_t columns) {
   const at::TensorList params = lists[0];
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous() &&
-                  coef.size(0) == static_cast<int64_t>(params.size()),
-              "resfast: coef must be a contiguous float32 [n_tensors, K] tensor, got ", coef.sizes());
+                  coef.size(0) == static_cast<int64_t>(params.size()) && coef.size(1) == columns,
+              "resfast: coef must be a contiguous float32 [n_tensors, ", columns, "] tensor, got ", coef.sizes());
   for (size_t k = 1; k < lists.size(); ++k) {
     TORCH_CHECK(lists[k].size() == params.size(), "resfast: tensor list ", k, " has ", lists[k].size(),
                 " tensors, expected ", params.size());
@@ -36,6 +37,8 @@ inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tens
     const auto dtype = p.scalar_type();
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "resfast: fused updates take float32, bfloat16 or float16 tensors, got ", dtype);
+    TORCH_CHECK(dtype == params[0].scalar_type(), "resfast: one call updates tensors of one dtype, got ",
+                params[0].scalar_type(), " and ", dtype);
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "resfast: tensor ", t, " is not dense");
     TORCH_CHECK(p.device() == coef.device(), "resfast: tensor ", t, " is on ", p.device(),
                 " but coef is on ", coef.device());
@@ -54,7 +57,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool nesterov, bool maximize) {
   std::vector<at::TensorList> lists{params, grads};
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
-  check_lists(lists, coef);
+  check_lists(lists, coef, 5);
   const SgdMath math{has_wd, nesterov};
   if (!momentum_buffers.empty()) {
     Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
@@ -70,7 +73,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
   std::vector<at::TensorList> lists{params, grads, square_avgs};
   if (!grad_avgs.empty()) lists.push_back(grad_avgs);
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
-  check_lists(lists, coef);
+  check_lists(lists, coef, 6);
   const RmspropMath math{has_wd, !grad_avgs.empty(), !momentum_buffers.empty()};
   switch (lists.size()) {
     case 3: return Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
@@ -84,7 +87,7 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList sums, 
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
               bool maximize) {
   std::vector<at::TensorList> lists{params, grads, sums};
-  check_lists(lists, coef);
+  check_lists(lists, coef, 3);
   Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, AdagradMath{has_wd});
 }
 
@@ -94,7 +97,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            const std::optional<at::Tensor>& found_inf, int64_t wd_mode, bool maximize) {
   std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
   if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
-  check_lists(lists, coef);
+  check_lists(lists, coef, 7);
   TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, "resfast: wd_mode must be 0, 1 or 2, got ", wd_mode);
   const AdamMath math{static_cast<int>(wd_mode)};
   if (!max_exp_avg_sqs.empty()) {

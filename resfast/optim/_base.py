@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -67,8 +67,16 @@ def _kernel_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _needs_kernel_view(param: Tensor) -> bool:
+    """Whether _kernel_view can change this param's tensors (a subclass such as DTensor, or complex);
+    the step skips it where it cannot: it costs a few hundred ns per tensor, per step."""
+    return type(param) not in (Tensor, torch.nn.Parameter) or param.dtype.is_complex
+
+
 def _dense(t: Tensor) -> bool:
     """True if t's elements fill its memory span exactly (any dim order: contiguous, channels_last...)."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
         if stride != expected:
@@ -87,11 +95,12 @@ def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
     elements than its param would read and write past that state's end."""
     if param.numel() > 1 and not _dense(param):
         return False
+    shape, dtype, device, stride = param.shape, param.dtype, param.device, param.stride()
     return all(
-        t.shape == param.shape
-        and t.dtype == param.dtype
-        and t.device == param.device
-        and (t.stride() == param.stride() or t.numel() <= 1)
+        t.shape == shape
+        and t.dtype == dtype
+        and t.device == device
+        and (t.stride() == stride or t.numel() <= 1)
         for t in others
     )
 
@@ -117,6 +126,27 @@ class Batch:
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
 # The backends whose kernels implement those two updates (the native ones do not yet).
 _LOW_PRECISION_BACKENDS = ("triton", "reference")
+
+
+class _Side:
+    """The params of a bucket that one backend updates, with their states, whether those were just
+    created, and their tensors as the kernels see them, by position: param, grad, then the states in
+    kernel order."""
+
+    def __init__(self) -> None:
+        self.owners: list[Tensor] = []
+        self.states: list[dict[str, Any]] = []
+        self.fresh: list[bool] = []
+        self.tensors: list[list[Tensor]] = []
+
+    def add(self, p: Tensor, state: dict[str, Any], fresh: bool, tensors: list[Tensor]) -> None:
+        self.owners.append(p)
+        self.states.append(state)
+        self.fresh.append(fresh)
+        if not self.tensors:
+            self.tensors = [[] for _ in tensors]
+        for column, t in zip(self.tensors, tensors, strict=True):
+            column.append(t)
 
 
 @dataclass
@@ -231,21 +261,27 @@ class FusedStep:
     # -- phase 1: validate and plan, no side effects -----------------------------------------------
 
     def _plan(self, group: dict[str, Any]) -> list[_Bucket]:
+        # Params of one kind (device, dtype, sparse grad or not) share their bucket: the checks and the
+        # backend choice run once per kind, not once per param.
         buckets: dict[tuple, _Bucket] = {}
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                if self._sparse_grad_error is not None:
-                    raise RuntimeError(self._sparse_grad_error)
-                backend = "reference"
-            else:
-                self._check_capturable(group, p)
-                backend = self._choose_backend(p)
-            mode = self._low_precision_mode(p)
-            key = (p.device, p.dtype, backend, mode)
-            buckets.setdefault(key, _Bucket(backend, mode)).params.append(p)
+            kind = (p.device, p.dtype, grad.is_sparse)
+            bucket = buckets.get(kind)
+            if bucket is None:
+                bucket = buckets[kind] = self._new_bucket(group, p, sparse=kind[2])
+            bucket.params.append(p)
         return list(buckets.values())
+
+    def _new_bucket(self, group: dict[str, Any], p: Tensor, sparse: bool) -> _Bucket:
+        if sparse:
+            if self._sparse_grad_error is not None:
+                raise RuntimeError(self._sparse_grad_error)
+            return _Bucket("reference", self._low_precision_mode(p))
+        self._check_capturable(group, p)
+        return _Bucket(self._choose_backend(p), self._low_precision_mode(p))
 
     def _low_precision_mode(self, p: Tensor) -> str | None:
         if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
@@ -277,21 +313,21 @@ class FusedStep:
 
     # -- phase 2: state and update ----------------------------------------------------------------
 
-    def _init_state(self, group: dict[str, Any], p: Tensor) -> bool:
-        """Give p every state tensor the kernel needs (created as torch creates it); return whether a
-        new one was created in this call (SGD needs that to start its momentum buffer)."""
-        master = self._low_precision_mode(p) == MASTER
-        if not self._has_step and not self._state_keys(group) and not master:
-            return False  # e.g. SGD without momentum: torch keeps no state at all
-        state = self.state[p]
+    def _init_state(
+        self, group: dict[str, Any], p: Tensor, state: dict[str, Any], keys: tuple[str, ...], master: bool
+    ) -> bool:
+        """Give p's state every tensor the kernel needs (`keys`, and the fp32 copy if `master`), created
+        as torch creates them; return whether one was created in this call (SGD starts its momentum)."""
         created = False
-        if self._has_step and "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        elif self._has_step and state["step"].device != p.device:
-            # Checkpoints from torch's non-fused optimizers keep `step` on the CPU; resfast, like torch's
-            # fused optimizers, keeps it beside the param so no step needs a host sync.
-            state["step"] = state["step"].to(p.device)
-        for key in self._state_keys(group):
+        if self._has_step:
+            step = state.get("step")
+            if step is None:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            elif step.device != p.device:
+                # Checkpoints from torch's non-fused optimizers keep `step` on the CPU; resfast, like
+                # torch's fused optimizers, keeps it beside the param so no step needs a host sync.
+                state["step"] = step.to(p.device)
+        for key in keys:
             # None is torch's "no buffer yet" too (torch 1.x SGD saved momentum_buffer=None).
             if state.get(key) is None:
                 state[key] = self._new_state(group, p, key)
@@ -299,21 +335,6 @@ class FusedStep:
         if master and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)  # same strides as p
         return created
-
-    def _split_by_layout(self, group: dict[str, Any], bucket: _Bucket) -> Iterator[_Bucket]:
-        """The bucket's params for its fast backend, and those that need the reference (see fast_layout)."""
-        if bucket.backend == "reference":
-            yield bucket
-            return
-        keys = self._state_keys(group)
-        fast, slow = _Bucket(bucket.backend, bucket.mode), _Bucket("reference", bucket.mode)
-        for p in bucket.params:
-            others = [_kernel_view(t) for t in (p.grad, *(self.state[p][k] for k in keys))]
-            master = self.state[p].get("master_param") if bucket.mode == MASTER else None
-            # The fp32 master differs from the param in dtype only: it must share its shape and strides.
-            same_span = master is None or (master.shape == p.shape and master.stride() == p.stride())
-            (fast if same_span and fast_layout(_kernel_view(p), others) else slow).params.append(p)
-        yield from (b for b in (fast, slow) if b.params)
 
     def _run(
         self,
@@ -323,36 +344,61 @@ class FusedStep:
         found_inf: Tensor | None,
         seed: int | None,
     ) -> None:
+        """Create missing state, then update the bucket: its params on its backend, except those whose
+        layout a flat kernel cannot take (see fast_layout), which go to the reference."""
         keys = self._state_keys(group)
-        created = {id(p): self._init_state(group, p) for p in bucket.params}
-        for sub in self._split_by_layout(group, bucket):
-            params = sub.params
-            states = {k: [_kernel_view(self.state[p][k]) for p in params] for k in keys}
-            steps = [self.state[p]["step"] for p in params] if self._has_step else []
-            if steps:
-                torch._foreach_add_(steps, 1)
-                if found_inf is not None:
-                    # Undo the count on a skipped step, on the device and without a host sync.
-                    torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
-            batch = Batch(
-                owners=params,
-                params=[_kernel_view(p) for p in params],
-                grads=[_kernel_view(p.grad) for p in params],
-                states=states,
-                steps=steps,
-                fresh=[created[id(p)] for p in params],
-                extra={
-                    "grad_scale": grad_scale,
-                    "found_inf": found_inf,
-                    "master_params": (
-                        [_kernel_view(self.state[p]["master_param"]) for p in params]
-                        if sub.mode == MASTER
-                        else None
-                    ),
-                    "stochastic_seed": seed if sub.mode == STOCHASTIC else None,
-                },
-            )
-            self._update(getattr(kernel_module(sub.backend), self._kernel), group, batch)
+        master = bucket.mode == MASTER
+        # SGD without momentum: torch keeps no state at all, not even an empty entry per param.
+        stateful = self._has_step or bool(keys) or master
+        sides = {bucket.backend: _Side(), "reference": _Side()}
+        for p in bucket.params:
+            state = self.state[p] if stateful else {}
+            fresh = self._init_state(group, p, state, keys, master) if stateful else False
+            tensors = [p, p.grad, *(state[k] for k in keys)]
+            if _needs_kernel_view(p):
+                tensors = [_kernel_view(t) for t in tensors]
+            fits = bucket.backend != "reference" and fast_layout(tensors[0], tensors[1:])
+            if fits and master:
+                # The fp32 master differs from the param in dtype only: it must share its shape and strides.
+                fits = state["master_param"].shape == p.shape and state["master_param"].stride() == p.stride()
+            sides[bucket.backend if fits else "reference"].add(p, state, fresh, tensors)
+        for backend, side in sides.items():
+            if side.owners:
+                self._update_side(backend, group, bucket.mode, keys, side, grad_scale, found_inf, seed)
+
+    def _update_side(
+        self,
+        backend: str,
+        group: dict[str, Any],
+        mode: str | None,
+        keys: tuple[str, ...],
+        side: _Side,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        seed: int | None,
+    ) -> None:
+        steps = [state["step"] for state in side.states] if self._has_step else []
+        if steps:
+            torch._foreach_add_(steps, 1)
+            if found_inf is not None:
+                # Undo the count on a skipped step, on the device and without a host sync.
+                torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+        masters = [_kernel_view(state["master_param"]) for state in side.states] if mode == MASTER else None
+        batch = Batch(
+            owners=side.owners,
+            params=side.tensors[0],
+            grads=side.tensors[1],
+            states={k: side.tensors[2 + i] for i, k in enumerate(keys)},
+            steps=steps,
+            fresh=side.fresh,
+            extra={
+                "grad_scale": grad_scale,
+                "found_inf": found_inf,
+                "master_params": masters,
+                "stochastic_seed": seed if mode == STOCHASTIC else None,
+            },
+        )
+        self._update(getattr(kernel_module(backend), self._kernel), group, batch)
 
     _kernel: str
     _state_keys: Callable[[dict[str, Any]], tuple[str, ...]]

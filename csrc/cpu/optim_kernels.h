@@ -1,0 +1,65 @@
+// The interface between the CPU optimizer ops (optim.cpp) and their inner loops
+// (optim_kernels_impl.h), which are compiled once per x86 instruction set and chosen at run time.
+// Plain data only: the files compiled for wider instruction sets include nothing but ATen's SIMD
+// vector headers and this.
+#pragma once
+
+#include <cstdint>
+
+#include "../optim_math.h"
+#include "x86_variants.h"
+
+namespace resfast::cpu {
+
+enum class Storage { Float, BFloat16, Half };
+
+// The widest coefficient row of the four ops (Adam's, 7 columns); see resfast/kernels/optim_coef.py.
+constexpr int64_t kMaxCoefColumns = 7;
+
+// Elements [begin, end) of one param's tensors, in the op's list order (param, grad, states...).
+struct Chunk {
+  void* data[5];
+  const float* coef;  // the tensor's row of the coefficient table
+  int64_t coef_columns, begin, end;
+};
+
+// A run of chunks of one call: all of its tensors share one storage dtype.
+struct Job {
+  const Chunk* chunks;
+  int64_t count;
+  Storage storage;
+  bool scaled;  // divide grads by `scale` and write them back unscaled, as torch's fused steps do
+  float scale;
+  bool maximize;
+};
+
+// The (number of tensor lists, maths) pairs the ops instantiate; each instruction-set build defines
+// exactly these.
+#define RESFAST_FOR_EACH_CPU_KERNEL(X) \
+  X(2, SgdMath)                        \
+  X(3, SgdMath)                        \
+  X(3, RmspropMath)                    \
+  X(4, RmspropMath)                    \
+  X(5, RmspropMath)                    \
+  X(3, AdagradMath)                    \
+  X(4, AdamMath)                       \
+  X(5, AdamMath)
+
+// The instruction set whose build the CPU ops run: "avx512", "avx2" or "default" (optim.cpp).
+const char* kernel_isa_name();
+
+// One namespace per instruction set, as ATen names its own (CPU_CAPABILITY).
+namespace DEFAULT {
+template <int N, typename Math>
+void update_chunks(const Job& job, const Math& math);
+}
+namespace AVX2 {
+template <int N, typename Math>
+void update_chunks(const Job& job, const Math& math);
+}
+namespace AVX512 {
+template <int N, typename Math>
+void update_chunks(const Job& job, const Math& math);
+}
+
+}  // namespace resfast::cpu

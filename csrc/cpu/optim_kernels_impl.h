@@ -1,0 +1,99 @@
+// The CPU optimizer inner loop, written once over ATen's SIMD vector of floats and compiled once per
+// instruction set: optim.cpp (the baseline), optim_avx2.cpp and optim_avx512.cpp. Each defines
+// CPU_CAPABILITY (and CPU_CAPABILITY_AVX2 / _AVX512, which select ATen's intrinsics) before including
+// this, so that every build lands in its own namespace, the scheme ATen uses for its own kernels.
+//
+// One pass: every element of param, grad and states is read once and written once. bf16/fp16 are
+// widened to fp32 on load and rounded to nearest-even on store (ATen's conversions); the maths is
+// csrc/optim_math.h, the same as the CUDA kernels'.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+#include "optim_kernels.h"
+
+namespace resfast {
+
+template <>
+struct Elementwise<at::vec::Vectorized<float>> {
+  using Vec = at::vec::Vectorized<float>;
+  static Vec sqrt(const Vec& x) { return x.sqrt(); }
+  static Vec max_propagate_nan(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }  // NaN-propagating
+};
+
+namespace cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Updates `count` elements from offset e (a full vector step, or the chunk's tail): load each tensor's
+// elements as fp32 vectors, update, store back. The storage vector of a 16-bit dtype holds two fp32
+// vectors' worth of elements.
+template <typename scalar_t, int N, typename Math>
+inline void update_block(scalar_t* const (&ptr)[N], int64_t e, int64_t count, const float* c, const Job& job,
+                         const Math& math) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    Vec r[N];
+    for (int k = 0; k < N; ++k) r[k] = Vec::loadu(ptr[k] + e, count);
+    const Vec unscaled = update_element(r, c, job.scaled, job.scale, job.maximize, math);
+    if (job.scaled) unscaled.store(ptr[1] + e, count);
+    r[0].store(ptr[0] + e, count);
+    for (int k = 2; k < N; ++k) r[k].store(ptr[k] + e, count);
+  } else {
+    using Stored = at::vec::Vectorized<scalar_t>;
+    Vec lo[N], hi[N];
+    for (int k = 0; k < N; ++k) {
+      std::tie(lo[k], hi[k]) = at::vec::convert_to_float<scalar_t>(Stored::loadu(ptr[k] + e, count));
+    }
+    const Vec unscaled_lo = update_element(lo, c, job.scaled, job.scale, job.maximize, math);
+    const Vec unscaled_hi = update_element(hi, c, job.scaled, job.scale, job.maximize, math);
+    const int n = static_cast<int>(count);
+    if (job.scaled) at::vec::convert_from_float<scalar_t>(unscaled_lo, unscaled_hi).store(ptr[1] + e, n);
+    at::vec::convert_from_float<scalar_t>(lo[0], hi[0]).store(ptr[0] + e, n);
+    for (int k = 2; k < N; ++k) at::vec::convert_from_float<scalar_t>(lo[k], hi[k]).store(ptr[k] + e, n);
+  }
+}
+
+template <typename scalar_t, int N, typename Math>
+void update_chunk(const Chunk& chunk, const Job& job, const Math& math) {
+  scalar_t* ptr[N];
+  for (int k = 0; k < N; ++k) ptr[k] = static_cast<scalar_t*>(chunk.data[k]);
+  // A private copy of the coefficients: the compiler cannot prove the table apart from the tensors
+  // the loop stores to, and would otherwise reload and re-broadcast them at every vector step.
+  float c[kMaxCoefColumns] = {};
+  std::copy(chunk.coef, chunk.coef + chunk.coef_columns, c);
+  constexpr int64_t step = std::is_same_v<scalar_t, float> ? Vec::size() : 2 * Vec::size();
+  int64_t e = chunk.begin;
+  for (; e + step <= chunk.end; e += step) update_block(ptr, e, step, c, job, math);
+  if (e < chunk.end) update_block(ptr, e, chunk.end - e, c, job, math);
+}
+
+}  // namespace
+
+template <int N, typename Math>
+void update_chunks(const Job& job, const Math& math) {
+  for (int64_t i = 0; i < job.count; ++i) {
+    const Chunk& chunk = job.chunks[i];
+    switch (job.storage) {
+      case Storage::Float: update_chunk<float, N>(chunk, job, math); break;
+      case Storage::BFloat16: update_chunk<c10::BFloat16, N>(chunk, job, math); break;
+      case Storage::Half: update_chunk<c10::Half, N>(chunk, job, math); break;
+    }
+  }
+}
+
+#define RESFAST_INSTANTIATE_CPU_KERNEL(N, Math) template void update_chunks<N, Math>(const Job&, const Math&);
+RESFAST_FOR_EACH_CPU_KERNEL(RESFAST_INSTANTIATE_CPU_KERNEL)
+#undef RESFAST_INSTANTIATE_CPU_KERNEL
+
+}  // namespace cpu::CPU_CAPABILITY
+}  // namespace resfast
