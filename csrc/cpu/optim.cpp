@@ -91,6 +91,20 @@ struct CpuBackend {
   }
 };
 
+void count_steps_(at::TensorList steps, const std::optional<at::Tensor>& found_inf) {
+  for (const at::Tensor& step : steps) {
+    TORCH_CHECK(step.device().is_cpu() && step.numel() == 1 && at::isFloatingType(step.scalar_type()),
+                "resfast: count_steps_ takes one-element floating-point CPU tensors, got ", step.sizes(), " ",
+                step.scalar_type(), " on ", step.device());
+  }
+  TORCH_CHECK(!found_inf.has_value() || (found_inf->device().is_cpu() && found_inf->numel() == 1),
+              "resfast: count_steps_: found_inf must be a one-element CPU tensor");
+  if (found_inf.has_value() && found_inf->item<double>() != 0) return;  // a skipped step counts nothing
+  for (const at::Tensor& step : steps) {
+    AT_DISPATCH_FLOATING_TYPES(step.scalar_type(), "resfast_count_steps", [&] { *step.data_ptr<scalar_t>() += 1; });
+  }
+}
+
 }  // namespace
 
 const char* kernel_isa_name() {
@@ -106,4 +120,5 @@ const char* kernel_isa_name() {
 
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
   RESFAST_REGISTER_OPTIM_OPS(m, resfast::cpu::CpuBackend);
+  m.impl("count_steps_", &resfast::cpu::count_steps_);
 }

@@ -14,18 +14,23 @@ from torch import Tensor
 import resfast._C  # noqa: F401  (registers torch.ops.resfast.*)
 from resfast.kernels import optim_coef
 
-__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "count_steps", "rmsprop", "sgd"]
 
 _ops = torch.ops.resfast
 
 
 def _register_fakes() -> None:
     """Fake (meta) implementations: the ops only mutate their inputs, so tracing needs nothing else."""
-    for name in ("sgd_", "rmsprop_", "adagrad_", "adam_"):
+    for name in ("sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_"):
         torch.library.register_fake(f"resfast::{name}")(lambda *args, **kwargs: None)
 
 
 _register_fakes()
+
+
+def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
+    """steps[i] += 1 for every one-element CPU step counter, unless found_inf (one element) is nonzero."""
+    _ops.count_steps_(steps, found_inf)
 
 
 def _no_low_precision_params(master_params: list[Tensor] | None, stochastic_seed: int | None) -> None:

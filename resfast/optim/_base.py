@@ -67,10 +67,9 @@ def _kernel_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _needs_kernel_view(param: Tensor) -> bool:
-    """Whether _kernel_view can change this param's tensors (a subclass such as DTensor, or complex);
-    the step skips it where it cannot: it costs a few hundred ns per tensor, per step."""
-    return type(param) not in (Tensor, torch.nn.Parameter) or param.dtype.is_complex
+# Tensors that _kernel_view returns unchanged unless complex: the step skips the call for them (it
+# costs a few hundred ns per tensor, per step). Subclasses such as DTensor go through it.
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _dense(t: Tensor) -> bool:
@@ -105,6 +104,27 @@ def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
     )
 
 
+def _layouts_fit(rows: list[list[Tensor]]) -> list[bool]:
+    """fast_layout of each row (a param, then its grad and states), natively where resfast._C is loaded:
+    this runs for every tensor at every step, and costs ~0.4 us per tensor in Python."""
+    ext, _ = backends.native_extension()
+    if ext is None or torch.compiler.is_compiling():  # dynamo traces the Python rule, not a pybind call
+        return [fast_layout(row[0], row[1:]) for row in rows]
+    return ext.layouts_fit(rows)
+
+
+def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
+    """Every step counter += 1, except on a step GradScaler skips; on the device, without a host sync."""
+    cpu = steps[0].device.type == "cpu" and (found_inf is None or found_inf.device.type == "cpu")
+    if cpu and backends.native_extension()[0] is not None and not torch.compiler.is_compiling():
+        # torch's CPU foreach add is a loop of dispatched adds, ~1.3 us per counter.
+        kernel_module("cpu").count_steps(steps, found_inf)
+        return
+    torch._foreach_add_(steps, 1)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+
+
 @dataclass
 class Batch:
     """What one kernel call updates: the tensors as the kernels see them (local shards, real views)."""
@@ -128,25 +148,15 @@ MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
 _LOW_PRECISION_BACKENDS = ("triton", "reference")
 
 
+@dataclass
 class _Side:
-    """The params of a bucket that one backend updates, with their states, whether those were just
-    created, and their tensors as the kernels see them, by position: param, grad, then the states in
-    kernel order."""
+    """The params of a bucket that one backend updates: their states, whether those were just created,
+    and their rows (the tensors as the kernels see them: param, grad, then the states in kernel order)."""
 
-    def __init__(self) -> None:
-        self.owners: list[Tensor] = []
-        self.states: list[dict[str, Any]] = []
-        self.fresh: list[bool] = []
-        self.tensors: list[list[Tensor]] = []
-
-    def add(self, p: Tensor, state: dict[str, Any], fresh: bool, tensors: list[Tensor]) -> None:
-        self.owners.append(p)
-        self.states.append(state)
-        self.fresh.append(fresh)
-        if not self.tensors:
-            self.tensors = [[] for _ in tensors]
-        for column, t in zip(self.tensors, tensors, strict=True):
-            column.append(t)
+    owners: list[Tensor]
+    states: list[dict[str, Any]]
+    fresh: list[bool]
+    rows: list[list[Tensor]]
 
 
 @dataclass
@@ -314,19 +324,26 @@ class FusedStep:
     # -- phase 2: state and update ----------------------------------------------------------------
 
     def _init_state(
-        self, group: dict[str, Any], p: Tensor, state: dict[str, Any], keys: tuple[str, ...], master: bool
+        self,
+        group: dict[str, Any],
+        p: Tensor,
+        state: dict[str, Any],
+        keys: tuple[str, ...],
+        master: bool,
+        device: torch.device,
     ) -> bool:
         """Give p's state every tensor the kernel needs (`keys`, and the fp32 copy if `master`), created
-        as torch creates them; return whether one was created in this call (SGD starts its momentum)."""
+        as torch creates them; return whether one was created in this call (SGD starts its momentum).
+        `device`: p's, which the caller knows for the whole bucket."""
         created = False
         if self._has_step:
             step = state.get("step")
             if step is None:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            elif step.device != p.device:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            elif step.device != device:
                 # Checkpoints from torch's non-fused optimizers keep `step` on the CPU; resfast, like
                 # torch's fused optimizers, keeps it beside the param so no step needs a host sync.
-                state["step"] = step.to(p.device)
+                state["step"] = step.to(device)
         for key in keys:
             # None is torch's "no buffer yet" too (torch 1.x SGD saved momentum_buffer=None).
             if state.get(key) is None:
@@ -350,20 +367,30 @@ class FusedStep:
         master = bucket.mode == MASTER
         # SGD without momentum: torch keeps no state at all, not even an empty entry per param.
         stateful = self._has_step or bool(keys) or master
-        sides = {bucket.backend: _Side(), "reference": _Side()}
+        device, is_complex = bucket.params[0].device, bucket.params[0].dtype.is_complex
+        rows, states, fresh = [], [], []
         for p in bucket.params:
             state = self.state[p] if stateful else {}
-            fresh = self._init_state(group, p, state, keys, master) if stateful else False
-            tensors = [p, p.grad, *(state[k] for k in keys)]
-            if _needs_kernel_view(p):
-                tensors = [_kernel_view(t) for t in tensors]
-            fits = bucket.backend != "reference" and fast_layout(tensors[0], tensors[1:])
-            if fits and master:
-                # The fp32 master differs from the param in dtype only: it must share its shape and strides.
-                fits = state["master_param"].shape == p.shape and state["master_param"].stride() == p.stride()
-            sides[bucket.backend if fits else "reference"].add(p, state, fresh, tensors)
-        for backend, side in sides.items():
-            if side.owners:
+            fresh.append(self._init_state(group, p, state, keys, master, device) if stateful else False)
+            states.append(state)
+            row = [p, p.grad, *(state[k] for k in keys)]
+            plain = not is_complex and type(p) in _PLAIN_TENSOR_TYPES
+            rows.append(row if plain else [_kernel_view(t) for t in row])
+        fits = _layouts_fit(rows) if bucket.backend != "reference" else [False] * len(rows)
+        if master:
+            # The fp32 master differs from the param in dtype only: it must share its shape and strides.
+            for i, p in enumerate(bucket.params):
+                m = states[i]["master_param"]
+                fits[i] = fits[i] and m.shape == p.shape and m.stride() == p.stride()
+        for backend, wanted in ((bucket.backend, True), ("reference", False)):
+            picked = [i for i, fit in enumerate(fits) if fit == wanted]
+            if picked:
+                side = _Side(
+                    owners=[bucket.params[i] for i in picked],
+                    states=[states[i] for i in picked],
+                    fresh=[fresh[i] for i in picked],
+                    rows=[rows[i] for i in picked],
+                )
                 self._update_side(backend, group, bucket.mode, keys, side, grad_scale, found_inf, seed)
 
     def _update_side(
@@ -379,16 +406,13 @@ class FusedStep:
     ) -> None:
         steps = [state["step"] for state in side.states] if self._has_step else []
         if steps:
-            torch._foreach_add_(steps, 1)
-            if found_inf is not None:
-                # Undo the count on a skipped step, on the device and without a host sync.
-                torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+            _count_steps(steps, found_inf)
         masters = [_kernel_view(state["master_param"]) for state in side.states] if mode == MASTER else None
         batch = Batch(
             owners=side.owners,
-            params=side.tensors[0],
-            grads=side.tensors[1],
-            states={k: side.tensors[2 + i] for i, k in enumerate(keys)},
+            params=[row[0] for row in side.rows],
+            grads=[row[1] for row in side.rows],
+            states={k: [row[2 + i] for row in side.rows] for i, k in enumerate(keys)},
             steps=steps,
             fresh=side.fresh,
             extra={

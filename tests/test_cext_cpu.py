@@ -1,0 +1,145 @@
+"""The CPU side of the native extension beyond the optimizer parity suites: every instruction-set build
+of the kernels, the native layout rule the optimizers use at every step, and the step counter op."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from resfast import backends
+from resfast.optim._base import fast_layout
+
+ext, why = backends.native_extension()
+pytestmark = pytest.mark.skipif(ext is None, reason=f"native extension not built: {why}")
+
+# ATen's levels, lowest first; a machine runs its own and every lower one.
+_LEVELS = ["default", "avx2", "avx512"]
+
+
+def _machine_level() -> str:
+    level = torch.backends.cpu.get_cpu_capability().lower()
+    return level if level in _LEVELS else "default"
+
+
+# Run in a fresh process, since torch fixes its CPU capability (ATEN_CPU_CAPABILITY) at first use. Sizes
+# cover one element, vector tails of every 16-bit and 32-bit width, and a tensor of several parallel
+# chunks (16384 elements each) with a tail. Each optimizer runs 3 steps on the cpu backend and on the
+# reference from the same state; every param and state must agree within 4 ulps of the storage dtype
+# of the tensor's largest element: both compute in float32 but in another order (and ATen's vector
+# maths may fuse multiply-adds), and 16-bit stores can round such differences to a whole ulp.
+_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, resfast, resfast._C as C
+    want = sys.argv[1]
+    assert C.cpu_kernel_isa() == want, (C.cpu_kernel_isa(), want)
+    cases = [
+        ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True)),
+        ("SGD", dict(lr=0.1)),
+        ("RMSprop", dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.01)),
+        ("RMSprop", dict(lr=0.01)),
+        ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
+        ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
+        ("AdamW", dict(lr=0.01)),
+    ]
+    sizes = [1, 7, 15, 17, 31, 33, 2 * 16384 + 5]
+    checked = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for name, kwargs in cases:
+            gen = torch.Generator().manual_seed(0)
+            start = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+            grads = [[torch.randn(n, generator=gen).to(dtype) for n in sizes] for _ in range(3)]
+            runs = []
+            for backend in ("cpu", "reference"):
+                params = [torch.nn.Parameter(t.clone()) for t in start]
+                opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
+                for step_grads in grads:
+                    for p, g in zip(params, step_grads):
+                        p.grad = g.clone()
+                    opt.step()
+                runs.append([p.detach() for p in params] + [
+                    s for p in params for s in opt.state[p].values() if s.numel() == p.numel()
+                ])
+            eps = torch.finfo(dtype).eps
+            for got, want_t in zip(*runs):
+                got, want_t = got.double(), want_t.double()
+                assert torch.isfinite(got).all() and torch.isfinite(want_t).all(), (name, dtype)
+                err = (got - want_t).abs().max().item() / (want_t.abs().max().item() or 1.0)
+                assert err <= 4 * eps, (name, kwargs, dtype, err)
+                checked += 1
+    print("checked", checked)
+    """
+)
+
+
+@pytest.mark.parametrize("level", _LEVELS)
+def test_every_instruction_set_build_matches_the_reference(level: str) -> None:
+    if _LEVELS.index(level) > _LEVELS.index(_machine_level()):
+        pytest.skip(f"this CPU runs up to {_machine_level()}, not {level}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": level}
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, level], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 3 dtypes x 7 cases x (7 params + their states): a silently skipped comparison would lower it.
+    assert int(done.stdout.split()[-1]) >= 3 * 7 * 7 * 2
+
+
+def _layout_rows() -> list[list[torch.Tensor]]:
+    """Rows (param, then tensors updated with it) that fit the flat kernels and rows that do not."""
+    p = torch.randn(4, 3, 5, 5)
+    cl = p.contiguous(memory_format=torch.channels_last)
+    sliced = torch.randn(4, 6)[:, :3]
+    one = torch.randn(1, 1)
+    return [
+        [p, torch.randn_like(p), torch.zeros_like(p)],  # contiguous
+        [cl, torch.zeros_like(cl), torch.zeros_like(cl)],  # channels_last, states alike
+        [cl, torch.zeros_like(p)],  # a contiguous state for a channels_last param
+        [p.transpose(0, 1), torch.zeros_like(p.transpose(0, 1))],  # dense, permuted
+        [sliced, torch.zeros(4, 3)],  # the param has gaps
+        [p, torch.zeros(4, 3, 5, 5, dtype=torch.float64)],  # another dtype
+        [p, torch.zeros(4, 3, 5, 4)],  # another shape
+        [p, torch.zeros(2, 3, 5, 5)],  # fewer elements
+        [p, torch.zeros(4, 3, 5, 5, device="meta")],  # another device
+        [one, torch.zeros(1, 1)[:, :1], torch.zeros(4, 4)[:1, :1]],  # one element: strides say nothing
+        [torch.zeros(0, 3), torch.zeros(0, 3)],  # empty
+        [p],  # no states (SGD without momentum has only param and grad; rows may be this short)
+    ]
+
+
+def test_native_layout_rule_is_fast_layout() -> None:
+    rows = _layout_rows()
+    native = ext.layouts_fit(rows)
+    python = [fast_layout(row[0], row[1:]) for row in rows]
+    assert native == python
+    assert native[:2] == [True, True] and native[2] is False and native[4:9] == [False] * 5
+
+
+def test_native_layout_rule_refuses_an_empty_row() -> None:
+    with pytest.raises(RuntimeError, match="row 1 is empty"):
+        ext.layouts_fit([[torch.zeros(2)], []])
+
+
+def test_count_steps_counts_and_skips_on_found_inf() -> None:
+    steps = [torch.tensor(0.0), torch.tensor(4.0, dtype=torch.float64), torch.zeros(1)]
+    torch.ops.resfast.count_steps_(steps, None)
+    assert [s.item() for s in steps] == [1.0, 5.0, 1.0]
+    torch.ops.resfast.count_steps_(steps, torch.tensor([1.0]))  # GradScaler skips this step
+    assert [s.item() for s in steps] == [1.0, 5.0, 1.0]
+    torch.ops.resfast.count_steps_(steps, torch.tensor([0.0]))
+    assert [s.item() for s in steps] == [2.0, 6.0, 2.0]
+    torch.library.opcheck(torch.ops.resfast.count_steps_.default, ([torch.tensor(1.0)], torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.zeros(2), torch.tensor(1, dtype=torch.int64), torch.tensor(True)]
+)
+def test_count_steps_refuses_bad_counters_before_counting_any(bad: torch.Tensor) -> None:
+    good = torch.tensor(3.0)
+    with pytest.raises(RuntimeError, match="count_steps_ takes one-element floating-point CPU tensors"):
+        torch.ops.resfast.count_steps_([good, bad], None)
+    assert good.item() == 3.0
