@@ -38,10 +38,11 @@ def _cases():
         ),
         "adagrad_": (ops.adagrad_.default, (p, g, sq, torch.full((4, 3), 0.1), None, None, True, False)),
         "adam_": (ops.adam_.default, (p, g, m, v, vmax, adam_coef, None, None, 2, False)),
+        "count_steps_": (ops.count_steps_.default, (steps, torch.tensor([0.0]))),
     }
 
 
-@pytest.mark.parametrize("name", ["sgd_", "rmsprop_", "adagrad_", "adam_"])
+@pytest.mark.parametrize("name", ["sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_"])
 def test_opcheck(name):
     op, args = _cases()[name]
     torch.library.opcheck(op, args)

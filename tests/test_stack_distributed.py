@@ -26,7 +26,12 @@ from resfast.nn.cifar import resnet20
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 WORLD = 2
-STEPS = 4
+# Three steps: enough for every optimizer state to be used, few enough that no ReLU of the fused
+# ResNets flips between runs. Their training is chaotic past that: at the fourth step a conv1 grad
+# moves by 4.6e-3 between two fp32 roundings of the same update (torch.optim.SGD's or resfast's
+# vectorised one against resfast's reference, which differ by an ulp), which no bound derived from
+# the single process's fp32 error can cover.
+STEPS = 3
 BATCH = 8  # per process; the single-process reference trains on WORLD * BATCH
 LR = 0.01
 
