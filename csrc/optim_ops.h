@@ -15,11 +15,6 @@
 
 #include "optim_math.h"
 
-// The fused kernels' storage dtypes (the maths is fp32); anything else is rejected by check_lists.
-#define RESFAST_DISPATCH_STORAGE_TYPES(dtype, name, ...) \
-  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
 namespace resfast {
 
 // The layout contract of the flat kernels: a dense param, and every other tensor of its update with the

@@ -71,7 +71,6 @@ struct CpuBackend {
       Chunk chunk{};
       for (int k = 0; k < N; ++k) chunk.data[k] = lists[k][t].data_ptr();
       chunk.coef = coef_data + t * columns;
-      chunk.coef_columns = columns;
       const int64_t n = params[t].numel();
       for (int64_t b = 0; b < n; b += kChunk) {
         chunk.begin = b;
@@ -79,7 +78,7 @@ struct CpuBackend {
         chunks.push_back(chunk);
       }
     }
-    Job job{nullptr, 0, storage_of(params[0].scalar_type()), grad_scale.has_value(), 1.f, maximize};
+    Job job{nullptr, 0, storage_of(params[0].scalar_type()), columns, grad_scale.has_value(), 1.f, maximize};
     if (job.scaled) job.scale = grad_scale->item<float>();
     const auto kernel = kernel_for_this_cpu<N, Math>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {

@@ -20,7 +20,7 @@ constexpr int64_t kMaxCoefColumns = 7;
 struct Chunk {
   void* data[5];
   const float* coef;  // the tensor's row of the coefficient table
-  int64_t coef_columns, begin, end;
+  int64_t begin, end;
 };
 
 // A run of chunks of one call: all of its tensors share one storage dtype.
@@ -28,6 +28,7 @@ struct Job {
   const Chunk* chunks;
   int64_t count;
   Storage storage;
+  int64_t coef_columns;  // the op's, at most kMaxCoefColumns
   bool scaled;  // divide grads by `scale` and write them back unscaled, as torch's fused steps do
   float scale;
   bool maximize;

@@ -70,7 +70,7 @@ void update_chunk(const Chunk& chunk, const Job& job, const Math& math) {
   // Private copies of the coefficients and options: the compiler cannot prove the table, the job or
   // the maths apart from the tensors the loop stores to, and would reload them at every vector step.
   float c[kMaxCoefColumns] = {};
-  std::copy(chunk.coef, chunk.coef + chunk.coef_columns, c);
+  std::copy(chunk.coef, chunk.coef + job.coef_columns, c);
   const bool scaled = job.scaled, maximize = job.maximize;
   const float scale = job.scale;
   const Math m = math;

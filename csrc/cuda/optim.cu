@@ -23,6 +23,11 @@
 
 #include "../optim_ops.h"
 
+// The fused kernels' storage dtypes (the maths is fp32); anything else is rejected by check_lists.
+#define RESFAST_DISPATCH_STORAGE_TYPES(dtype, name, ...) \
+  AT_DISPATCH_SWITCH(dtype, name, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
 namespace resfast {
 namespace {
 

@@ -12,7 +12,6 @@ group and chooses backends without touching state; ``_run`` creates missing stat
 
 from __future__ import annotations
 
-import functools
 import importlib
 import sys
 from collections.abc import Callable
@@ -105,25 +104,20 @@ def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
     )
 
 
-@functools.cache
-def _native() -> ModuleType | None:
-    """resfast._C if it is built for this torch (looked up once: the step asks at every call)."""
-    return backends.native_extension()[0]
-
-
 def _layouts_fit(rows: list[list[Tensor]]) -> list[bool]:
     """fast_layout of each row (a param, then its grad and states), natively where resfast._C is loaded:
     this runs for every tensor at every step, and costs ~0.4 us per tensor in Python."""
     # While compiling, dynamo traces the Python rule (it cannot trace a pybind call or an import).
-    if torch.compiler.is_compiling() or _native() is None:
+    ext = None if torch.compiler.is_compiling() else backends.native_extension()[0]
+    if ext is None:
         return [fast_layout(row[0], row[1:]) for row in rows]
-    return _native().layouts_fit(rows)
+    return ext.layouts_fit(rows)
 
 
 def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     """Every step counter += 1, except on a step GradScaler skips; on the device, without a host sync."""
     cpu = steps[0].device.type == "cpu" and (found_inf is None or found_inf.device.type == "cpu")
-    if cpu and not torch.compiler.is_compiling() and _native() is not None:
+    if cpu and not torch.compiler.is_compiling() and backends.native_extension()[0] is not None:
         # torch's CPU foreach add is a loop of dispatched adds, ~1.3 us per counter.
         kernel_module("cpu").count_steps(steps, found_inf)
         return
