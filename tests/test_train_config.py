@@ -1,13 +1,19 @@
 """resfast.train.config and build: defaults, TOML < flags, errors, schedules from names and epochs."""
 
 import dataclasses
+import typing
+from pathlib import Path
 
 import pytest
 import torch
 
 import resfast.optim
-from resfast import schedules
+from resfast import backends, schedules
+from resfast.backends import BACKENDS
+from resfast.nn import functional
 from resfast.train import Config, build, parse_args
+from resfast.train.config import LR_SCHEDULES, OPTIMIZER_DEFAULTS
+from resfast.train.errors import SettingError
 
 
 def test_default_run_is_the_documented_one():
@@ -110,16 +116,26 @@ def test_coupled_and_noise_batches():
     cfg = Config(batch_schedule="coupled", batch_args={"mode": "inverse", "max_size": 64}, warmup_epochs=0)
     plan = build.make_plan(cfg, build.make_optimizer(cfg, model), epoch=100)
     assert plan.lr_at(1000) == plan.lr_at(0) == 0.2 and plan.batch_size_at(1000) > plan.batch_size_at(0)
-    with pytest.raises(ValueError, match="takes no warmup"):
-        build.make_plan(dataclasses.replace(cfg, warmup_epochs=1), build.make_optimizer(cfg, model), 100)
     cfg = Config(batch_schedule="noise", batch_args={"max_size": 512, "beta": 0.5})
     plan = build.make_plan(cfg, build.make_optimizer(cfg, model), epoch=100)
     assert plan.batch_schedule.estimator.beta == 0.5 and plan.batch_schedule.max_size == 512
 
 
+def test_coupled_alone_grows_the_batch_and_holds_the_warmed_up_lr():
+    # Named alone, coupled grows the batch where the cosine would decay the LR (32 -> 8 x 32), and the
+    # LR warms up as usual, then holds; proportional coupling shrank the batch to 1 sample instead.
+    cfg = Config(batch_schedule="coupled")
+    plan = build.make_plan(cfg, build.make_optimizer(cfg, torch.nn.Linear(2, 2)), epoch=100)
+    run = cfg.epochs * 100
+    sizes = [plan.batch_size_at(t) for t in range(0, run + 1, 10)]
+    assert sizes[0] == 32 and sizes[-1] == 256 and sizes == sorted(sizes)
+    assert plan.lr_at(0) == pytest.approx(0.02)  # the warmup's start: 0.1 of the LR
+    assert [plan.lr_at(t) for t in (200, 800, run)] == [0.2, 0.2, 0.2]
+
+
 def test_schedule_argument_errors_show_the_signature():
     cfg = Config(lr_schedule="step", lr_args={"evry": 10})
-    with pytest.raises(TypeError, match=r"lr schedule Step\(base: 'float', every: 'float'.*evry"):
+    with pytest.raises(SettingError, match=r"--lr-schedule Step\(base: 'float', every: 'float'.*evry"):
         build.make_plan(cfg, build.make_optimizer(cfg, torch.nn.Linear(2, 2)), epoch=100)
 
 
@@ -143,5 +159,113 @@ def test_optimizers_by_name_and_impl(name):
 
 def test_unavailable_backend_fails_before_training():
     cfg = Config(backend="triton")  # triton runs CUDA tensors (or CPU ones only under TRITON_INTERPRET)
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+    with pytest.raises(SettingError, match="--backend: backend 'triton' cannot run"):
         build.optimizer_backend(cfg, torch.device("meta"))
+
+
+def _plan(**settings) -> schedules.Plan:
+    cfg = Config(**settings)
+    return build.make_plan(cfg, build.make_optimizer(cfg, torch.nn.Linear(2, 2)), epoch=100)
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULES)
+def test_every_lr_schedule_runs_by_name_and_peaks_at_lr(name):
+    plan = _plan(lr_schedule=name, warmup_epochs=0)
+    run = 16 * 100
+    lrs = [plan.lr_at(t) for t in range(0, run + 1, 10)]
+    assert max(lrs) == pytest.approx(0.2)  # --lr is the peak
+    if name in ("step", "multistep", "exponential", "inverse_time"):
+        assert lrs[-1] < 0.2 / 5  # the default arguments decay it over the run
+
+
+def test_default_lr_args_scale_with_the_run():
+    run = 16 * 100
+    assert _plan(lr_schedule="multistep").lr_schedule.schedule.milestones == (0.5 * run, 0.75 * run)
+    step = _plan(lr_schedule="step", warmup_epochs=0)
+    assert [step.lr_at(t) for t in (0.39 * run, 0.41 * run, 0.81 * run)] == pytest.approx([0.2, 0.02, 0.002])
+    assert _plan(lr_schedule="exponential", warmup_epochs=0).lr_at(run) == pytest.approx(0.002)
+    assert _plan(lr_schedule="inverse_time", warmup_epochs=0).lr_at(run) == pytest.approx(0.02)
+    # "<x>%" works in any length argument, and flags merge over the defaults.
+    plan = _plan(lr_schedule="step", lr_args={"every": "25%"}, warmup_epochs=0)
+    assert (plan.lr_schedule.every, plan.lr_schedule.gamma) == (0.25 * run, 0.1)
+
+
+def test_onecycle_warms_up_by_itself():
+    plan = _plan(lr_schedule="onecycle")
+    assert isinstance(plan.lr_schedule, schedules.OneCycle)  # no Warmup wrapped around its own rise
+    assert plan.lr_at(0) == pytest.approx(0.2 / 25)
+    assert isinstance(_plan(lr_schedule="onecycle", warmup_epochs=1).lr_schedule, schedules.Warmup)
+    assert isinstance(_plan(lr_schedule="cosine").lr_schedule, schedules.Warmup)
+
+
+def test_loss_backoff_never_climbs_past_lr():
+    plan = _plan(lr_schedule="loss_backoff", warmup_epochs=0)
+    for loss in (2.0, 1.0, 0.5, 0.25, 0.5, 0.1):  # the loss halving would double the LR each time
+        plan.observe(loss)
+        assert plan.lr <= 0.2
+    assert plan.lr == 0.2
+    plan.observe(0.2)  # a rise backs off from the peak
+    assert plan.lr == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("schedule", ["step", "linear", "noise", "coupled"])
+def test_batch_ceiling_follows_the_batch_size(schedule):
+    plan = _plan(batch_size=512, batch_schedule=schedule)
+    assert plan.batch_size_at(0) == 512
+    assert max(plan.batch_size_at(t) for t in range(0, 1601, 100)) <= 8 * 512
+    if schedule in ("step", "linear", "coupled"):
+        assert plan.batch_size_at(1600) == 8 * 512
+
+
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adagrad", "adam", "adamw"])
+def test_each_optimizer_has_its_own_default_lr(name, recwarn):
+    opt = build.make_optimizer(Config(optimizer=name), torch.nn.Linear(2, 2))
+    assert opt.defaults["lr"] == OPTIMIZER_DEFAULTS[name]["lr"] == Config(optimizer=name).resolved().lr
+    if name != "sgd":
+        assert opt.defaults["lr"] <= 0.05  # adaptive steps: SGD's 0.2 diverged (rmsprop: 12.8% accuracy)
+    assert opt.defaults.get("momentum", 0.0) == OPTIMIZER_DEFAULTS[name].get("momentum", 0.0)
+    assert not recwarn.list  # defaults warn about nothing
+    assert build.make_optimizer(Config(optimizer=name, lr=0.5), torch.nn.Linear(2, 2)).defaults["lr"] == 0.5
+
+
+def test_options_the_optimizer_ignores_are_warned_about_and_cleared():
+    with pytest.warns(UserWarning, match=r"--momentum 0.5 and --nesterov True: ignored by --optimizer adam"):
+        cfg = Config(optimizer="adam", momentum=0.5, nesterov=True)
+    assert (cfg.resolved().momentum, cfg.resolved().nesterov) == (None, None)
+    with pytest.warns(UserWarning, match=r"--nesterov False: ignored by --optimizer rmsprop"):
+        Config(optimizer="rmsprop", momentum=0.5, nesterov=False)
+
+
+def test_help_shows_the_per_optimizer_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sgd 0.2, rmsprop 0.01, adagrad" in text and "momentum, for sgd and rmsprop only" in text
+
+
+def test_toml_data_dir_is_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    toml = tmp_path / "configs" / "run.toml"
+    toml.write_text('dataset = "cifar10"\ndata_dir = "../data/cifar"\n')
+    (tmp_path / "elsewhere").mkdir()  # run from anywhere but the file's folder
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = parse_args(["--config", str(toml)])
+    assert Path(cfg.data_dir).resolve() == (tmp_path / "data" / "cifar").resolve()
+    assert parse_args(["--config", str(toml), "--data-dir", "here"]).data_dir == "here"  # a flag: as typed
+
+
+def test_bn_backend_offers_only_backends_with_bn_kernels(capsys):
+    x = torch.randn(2, 3, 4, 4)
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), weight=None, bias=None)
+    args |= dict(training=True, momentum=0.1, eps=1e-5)
+    offered = typing.get_args(typing.get_type_hints(Config)["bn_backend"])
+    for backend in BACKENDS[1:]:
+        try:
+            functional.batch_norm_add_relu(x, None, **args, backend=backend)
+            has_kernels = True
+        except backends.BackendUnavailable as e:
+            has_kernels = "no batch_norm_add_relu kernels" not in str(e)
+        assert (backend in offered) == has_kernels, backend
+    with pytest.raises(SystemExit):
+        parse_args(["--bn-backend", "cpu"])
+    assert "invalid choice: 'cpu'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from typing import Any
 
@@ -11,8 +12,9 @@ from torch import nn
 
 import resfast.optim
 from resfast import backends, schedules
-from resfast.nn import cifar, functional, fuse_resnet
-from resfast.train.config import BATCH_ARGS_DEFAULTS, CIFAR_DEPTHS, Config
+from resfast.nn import cifar, fuse_resnet
+from resfast.train.config import BN_BACKENDS, CIFAR_DEPTHS, Config, batch_args_defaults, lr_args_defaults
+from resfast.train.errors import SettingError
 
 __all__ = ["bn_backend", "make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
 
@@ -37,7 +39,8 @@ _BATCH_SCHEDULES: dict[str, type[schedules.BatchSchedule]] = {
     "coupled": schedules.CoupledBatch,
     "noise": schedules.NoiseScaleBatch,
 }
-_EPOCHS = re.compile(r"^\s*([0-9.eE+-]+)\s*ep\s*$")
+# A length written as "<x>ep" (x epochs) or "<x>%" (x percent of the run).
+_LENGTH = re.compile(r"^\s*([0-9.eE+-]+)\s*(ep|%)\s*$")
 
 
 def uses_fused_bn(cfg: Config, device: torch.device) -> bool:
@@ -64,88 +67,105 @@ def make_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module
     return model
 
 
+def _choose(device: torch.device, requested: str, setting: str, **kwargs: Any) -> str:
+    """``backends.choose`` with its refusal as a SettingError that names the setting behind it."""
+    if requested == "auto" and "RESFAST_BACKEND" in os.environ:  # auto then means the variable's choice
+        setting += f" auto (RESFAST_BACKEND={os.environ['RESFAST_BACKEND']})"
+    try:
+        return backends.choose(device, torch.float32, requested, **kwargs)
+    except (backends.BackendUnavailable, ValueError) as e:  # ValueError: an unknown name
+        raise SettingError(f"{setting}: {e}") from None
+
+
 def optimizer_backend(cfg: Config, device: torch.device) -> str | None:
     """The resfast backend the optimizer runs on fp32 params of ``device`` (None for --impl torch).
 
     Asking here, before training, turns an unavailable ``--backend`` into an error that says why.
     """
-    return None if cfg.impl == "torch" else backends.choose(device, torch.float32, cfg.backend)
+    return None if cfg.impl == "torch" else _choose(device, cfg.backend, "--backend")
 
 
 def bn_backend(cfg: Config, device: torch.device) -> str | None:
     """The backend the fused BatchNorms run on (None when the run does not fuse them)."""
     if not uses_fused_bn(cfg, device):
         return None
-    # resfast.nn has no public "which backend would run this" yet: ask backends with its kernel table.
-    implemented = tuple(functional._KERNEL_MODULES)
-    return backends.choose(
-        device, torch.float32, cfg.bn_backend, implemented=implemented, op="batch_norm_add_relu"
+    return _choose(
+        device, cfg.bn_backend, "--bn-backend", implemented=BN_BACKENDS[1:], op="batch_norm_add_relu"
     )
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg``'s optimizer over ``model``'s parameters; a setting it rejects raises SettingError."""
+    cfg = cfg.resolved()
     module: Any = resfast.optim if cfg.impl == "resfast" else torch.optim
     cls = getattr(module, _OPTIMIZERS[cfg.optimizer])
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer in ("sgd", "rmsprop"):
-        kwargs["momentum"] = cfg.momentum
-    if cfg.optimizer == "sgd":
-        kwargs["nesterov"] = cfg.nesterov and cfg.momentum > 0
+    for name in ("momentum", "nesterov"):  # None where the optimizer has no such option
+        if getattr(cfg, name) is not None:
+            kwargs[name] = getattr(cfg, name)
     kwargs |= cfg.optimizer_args
     if cfg.impl == "resfast":
         kwargs["backend"] = cfg.backend
     try:
         return cls(model.parameters(), **kwargs)
-    except TypeError as e:
-        raise TypeError(f"optimizer {cfg.optimizer} with {kwargs}: {e}") from None
+    except (TypeError, ValueError) as e:  # an unknown keyword, or a value the optimizer rejects
+        raise SettingError(f"--optimizer {cfg.optimizer} (with --optimizer-args) {kwargs}: {e}") from None
 
 
-def _samples(value: Any, epoch: int) -> Any:
-    """A schedule argument with every "<x>ep" turned into x epochs of ``epoch`` samples."""
+def _samples(value: Any, epoch: int, run: int) -> Any:
+    """A schedule argument with every "<x>ep" turned into x epochs of ``epoch`` samples, and every
+    "<x>%" into x percent of the ``run``'s samples."""
     if isinstance(value, list):
-        return [_samples(v, epoch) for v in value]
-    if isinstance(value, str) and (match := _EPOCHS.match(value)):
-        return float(match.group(1)) * epoch
+        return [_samples(v, epoch, run) for v in value]
+    if isinstance(value, str) and (match := _LENGTH.match(value)):
+        number, unit = float(match.group(1)), match.group(2)
+        return number * epoch if unit == "ep" else number / 100 * run
     return value
 
 
 def _build(kind: str, cls: type, first: dict[str, Any], args: dict[str, Any], run: int, epoch: int) -> Any:
     """``cls(**first, **args)`` with lengths converted, and ``total`` defaulting to the whole run."""
     params = inspect.signature(cls).parameters
-    kwargs = first | {k: _samples(v, epoch) for k, v in args.items()}
+    kwargs = first | {k: _samples(v, epoch, run) for k, v in args.items()}
     if "total" in params and "total" not in kwargs:
         kwargs["total"] = run
     try:
         return cls(**kwargs)
-    except TypeError as e:
-        raise TypeError(f"{kind} {cls.__name__}{inspect.signature(cls)} with {kwargs}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise SettingError(f"{kind} {cls.__name__}{inspect.signature(cls)} with {kwargs}: {e}") from None
 
 
 def make_plan(cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> schedules.Plan:
-    """The LR and batch schedules of ``cfg`` on the sample clock; ``epoch`` is the training set's size."""
+    """The LR and batch schedules of ``cfg`` on the sample clock; ``epoch`` is the training set's size.
+
+    A schedule argument that does not fit raises SettingError.
+    """
+    cfg = cfg.resolved()
     run = cfg.epochs * epoch
     lr_cls = _LR_SCHEDULES[cfg.lr_schedule]
     first_param = next(iter(inspect.signature(lr_cls).parameters))  # base, value or max_lr
-    main = _build("lr schedule", lr_cls, {first_param: cfg.lr}, cfg.lr_args, run, epoch)
-    lr: schedules.LRSchedule = main
-    if cfg.warmup_epochs > 0:
-        lr = schedules.Warmup(main, cfg.warmup_epochs * epoch, cfg.warmup_start_factor)
-
-    args = BATCH_ARGS_DEFAULTS.get(cfg.batch_schedule, {}) | cfg.batch_args
+    lr_args = lr_args_defaults(cfg.lr_schedule, cfg.lr) | cfg.lr_args
+    main = _build("--lr-schedule", lr_cls, {first_param: cfg.lr}, lr_args, run, epoch)
+    args = batch_args_defaults(cfg.batch_schedule, cfg.batch_size) | cfg.batch_args
     batch_cls = _BATCH_SCHEDULES[cfg.batch_schedule]
+    held = main  # the LR schedule the optimizer follows, before its warmup
     if batch_cls is schedules.CoupledBatch:
         first = {"lr_schedule": main, "base_size": cfg.batch_size}
-        if args.get("mode") == "inverse" and cfg.warmup_epochs > 0:
-            # The Plan holds the LR at lr(0) only when given the very schedule the batch follows.
-            raise ValueError(
-                "batch_schedule coupled with mode=inverse holds the LR at its start and grows the batch "
-                "instead; it takes no warmup: set warmup_epochs = 0"
-            )
+        if args.get("mode") == "inverse":
+            # The batch grows where `main` would decay the LR, and the LR holds its start value; a
+            # warmup then shapes only the held LR, not the batch.
+            held = schedules.Constant(main(0))
     elif batch_cls is schedules.NoiseScaleBatch:
         estimator = schedules.GradientNoiseScale(**({"beta": args.pop("beta")} if "beta" in args else {}))
         first = {"base_size": cfg.batch_size, "estimator": estimator}
     else:
         first = {next(iter(inspect.signature(batch_cls).parameters)): cfg.batch_size}
-    batch = _build("batch schedule", batch_cls, first, args, run, epoch)
+    batch = _build("--batch-schedule", batch_cls, first, args, run, epoch)
+    lr: schedules.LRSchedule = held
+    if cfg.warmup_epochs > 0:
+        lr = schedules.Warmup(held, cfg.warmup_epochs * epoch, cfg.warmup_start_factor)
     scaling = None if cfg.lr_scaling == "none" else cfg.lr_scaling
-    return schedules.Plan(optimizer, lr, batch, lr_scaling=scaling, base_batch=cfg.base_batch or None)
+    try:
+        return schedules.Plan(optimizer, lr, batch, lr_scaling=scaling, base_batch=cfg.base_batch or None)
+    except ValueError as e:  # e.g. --lr-scaling with coupled, which ties LR and batch already
+        raise SettingError(f"--lr-scaling, --batch-schedule {cfg.batch_schedule}: {e}") from None

@@ -23,6 +23,7 @@ from torch import nn
 
 from resfast.schedules import Plan
 from resfast.train.config import RESUMABLE_CHANGES, Config
+from resfast.train.errors import SettingError, UserFileNotFoundError
 
 __all__ = ["FORMAT", "Progress", "load", "restore", "save"]
 
@@ -35,6 +36,9 @@ class Progress:
 
     epoch: int = 0  # epochs finished
     train_time_s: float = 0.0  # seconds spent in training steps (no evaluation, no checkpointing)
+    # Steps where torch.compile compiled (--compile), kept out of train_time_s and samples per second.
+    compile_time_s: float = 0.0
+    compile_samples: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics record per epoch
     trace: list[list[float]] = field(default_factory=list)  # per step: [samples at its start, lr, batch]
 
@@ -72,10 +76,11 @@ def save(
 def load(path: Path, cfg: Config) -> dict[str, Any]:
     """Read and check a checkpoint written by `save` for a run with the same settings as ``cfg``.
 
-    Raises FileNotFoundError, or ValueError for an unreadable, foreign or mismatched file; reads only.
+    Raises UserFileNotFoundError, or SettingError for an unreadable, foreign or mismatched file; reads
+    only.
     """
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"--resume: no checkpoint at {path}; run without --resume to start, or set --out to the "
             "folder of the run to continue"
         )
@@ -89,21 +94,21 @@ def load(path: Path, cfg: Config) -> dict[str, Any]:
         except Exception as e:
             why = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     if why is not None:
-        raise ValueError(
+        raise SettingError(
             f"--resume: {path} is not a readable checkpoint ({why}). It was left as it is; delete it to "
             "start over, or point --out at another run"
         )
     keys = ("format", "config", "model", "optimizer", "plan", "scaler", "rng", "progress")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or any(k not in ckpt for k in keys):
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"--resume: {path} is not a {FORMAT!r} file (found {found!r})")
+        raise SettingError(f"--resume: {path} is not a {FORMAT!r} file (found {found!r})")
     saved, now = ckpt["config"], cfg.to_dict()
     changed = {
         k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]
     }
     if changed:
         diff = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(
+        raise SettingError(
             f"--resume: {path} belongs to a run with other settings ({diff}). Resume with the same "
             f"settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or use another --out"
         )
@@ -125,7 +130,7 @@ def restore(
         scaler.load_state_dict(ckpt["scaler"])
         progress = Progress(**ckpt["progress"])
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise ValueError(
+        raise SettingError(
             "--resume: the checkpoint does not fit this model, optimizer or schedule: "
             f"{type(e).__name__}: {e}"
         ) from None

@@ -11,15 +11,28 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from resfast.backends import BACKENDS
+from resfast.nn import functional
 
-__all__ = ["BATCH_ARGS_DEFAULTS", "CIFAR_DEPTHS", "TORCHVISION_MODELS", "Config", "load_toml", "parse_args"]
+__all__ = [
+    "CIFAR_DEPTHS",
+    "OPTIMIZER_DEFAULTS",
+    "TORCHVISION_MODELS",
+    "Config",
+    "batch_args_defaults",
+    "load_toml",
+    "lr_args_defaults",
+    "parse_args",
+]
 
+PROG = "python -m resfast.train"
 # CIFAR-style ResNets (resfast.nn.cifar, depth 6n + 2) and torchvision's ImageNet ResNets.
 CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50")
@@ -37,23 +50,77 @@ LR_SCHEDULES = (
     "plateau",
 )
 BATCH_SCHEDULES = ("constant", "step", "linear", "polynomial", "coupled", "noise")
-# What --batch-args is merged over, per batch schedule, so that naming a schedule alone runs: the
-# default run's ramp for step, and a ceiling of 256 samples where a schedule needs one.
-BATCH_ARGS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "step": {"every": "2ep", "max_size": 256},
-    "linear": {"end": 256},
-    "noise": {"max_size": 256},
+# What --lr-args is merged over, per LR schedule, so that naming a schedule alone runs; lengths as
+# percentages of the run, so the curve keeps its shape whatever --epochs is. (cosine, polynomial and
+# onecycle need nothing more; loss_backoff gets max_lr = --lr, see lr_args_defaults.)
+LR_ARGS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "step": {"every": "40%", "gamma": 0.1},  # two decays, at 40% and 80% of the run
+    "multistep": {"milestones": ["50%", "75%"], "gamma": 0.1},  # He et al. 2016's CIFAR recipe
+    "exponential": {"gamma": 0.01, "every": "100%"},  # down to 1/100 of --lr at the end
+    "inverse_time": {"rate": 9, "every": "100%"},  # down to 1/10 of --lr at the end
 }
-BATCH_ARGS_HELP = (
-    "other arguments of the batch schedule as JSON, merged over "
-    + "; ".join(f"{name}: {json.dumps(args)}" for name, args in BATCH_ARGS_DEFAULTS.items())
-    + " (lengths as in --lr-args; 'total' defaults to the whole run; noise also takes beta)"
+# The ceiling of the growing batch schedules, in multiples of --batch-size: the default run's 32 -> 256.
+BATCH_GROWTH = 8
+# Per optimizer: the peak LR and, for those with momentum, the momentum. The LRs were measured on
+# the default digits run (docs/train.md); adaptive methods take far smaller steps than SGD.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "sgd": {"lr": 0.2, "momentum": 0.9},
+    "rmsprop": {"lr": 0.01, "momentum": 0.9},
+    "adagrad": {"lr": 0.05},
+    "adam": {"lr": 0.003},
+    "adamw": {"lr": 0.003},
+}
+WARMUP_EPOCHS = 2.0  # the default warmup, except for onecycle, which rises from its own low start
+
+
+def lr_args_defaults(lr_schedule: str, lr: float) -> dict[str, Any]:
+    """What ``--lr-args`` is merged over for ``lr_schedule`` with peak LR ``lr``."""
+    if lr_schedule == "loss_backoff":
+        return {"max_lr": lr}  # --lr is the peak: the LR may climb back to it after a backoff, not past it
+    return dict(LR_ARGS_DEFAULTS.get(lr_schedule, {}))
+
+
+def batch_args_defaults(batch_schedule: str, batch_size: int) -> dict[str, Any]:
+    """What ``--batch-args`` is merged over for ``batch_schedule`` starting at ``batch_size``."""
+    cap = BATCH_GROWTH * batch_size
+    defaults: dict[str, dict[str, Any]] = {
+        "step": {"every": "2ep", "max_size": cap},
+        "linear": {"end": cap},
+        # The batch grows where the LR schedule would decay, and the LR holds (Smith et al. 2018): the
+        # other mode, proportional, shrinks the batch with a decaying LR, down to 1 sample.
+        "coupled": {"mode": "inverse", "max_size": cap},
+        "noise": {"max_size": cap},
+    }
+    return defaults.get(batch_schedule, {})
+
+
+def _args_help(what: str, defaults: dict[str, dict[str, Any]], extra: str) -> str:
+    listed = "; ".join(f"{name}: {json.dumps(args)}" for name, args in defaults.items())
+    return f"other arguments of the {what} schedule as JSON, merged over {listed}{extra}"
+
+
+LR_ARGS_HELP = _args_help(
+    "LR",
+    LR_ARGS_DEFAULTS,
+    '; loss_backoff: {"max_lr": --lr}. Lengths in samples, "<x>ep" for x epochs or "<x>%" of the run, '
+    'e.g. \'{"every": "10ep", "gamma": 0.5}\' for step; \'total\' defaults to the whole run',
+)
+BATCH_ARGS_HELP = _args_help(
+    "batch",
+    {name: batch_args_defaults(name, 32) for name in ("step", "linear", "coupled", "noise")},
+    f" (shown for --batch-size 32: the ceilings are {BATCH_GROWTH} x --batch-size; lengths as in --lr-args; "
+    "'total' defaults to the whole run; noise also takes beta)",
 )
 # Settings a resumed run may change: where files go and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = frozenset({"out", "resume", "progress", "workers", "threads", "data_dir", "compile"})
+RESUMABLE_CHANGES = frozenset(
+    {"out", "resume", "overwrite", "progress", "workers", "threads", "data_dir", "compile"}
+)
 
 Backend = Literal["auto", "triton", "cuda", "cpu", "reference"]
 assert typing.get_args(Backend) == BACKENDS, "keep Backend in step with resfast.backends.BACKENDS"
+# The fused BatchNorm's backends: those with kernels for it (resfast.nn.functional's table), in
+# resfast.backends' order, so a backend that gains BN kernels becomes a choice by itself.
+BN_BACKENDS = ("auto", *(b for b in BACKENDS[1:] if b in functional._KERNEL_MODULES))
 
 
 @dataclass
@@ -103,13 +170,26 @@ class Config:
         "resfast: resfast.optim (and fused BN); torch: torch.optim and nn.BatchNorm2d, for comparison",
     ] = "resfast"
     backend: Annotated[Backend, "resfast.optim kernel backend (see resfast.backends.info())"] = "auto"
-    bn_backend: Annotated[Backend, "kernel backend of the fused BatchNorm + add + ReLU"] = "auto"
+    bn_backend: Annotated[
+        Literal[BN_BACKENDS],  # type: ignore[valid-type]
+        "kernel backend of the fused BatchNorm + add + ReLU (those that have its kernels)",
+    ] = "auto"
     lr: Annotated[
-        float,
-        "peak learning rate (the LR schedule's base); with --lr-scaling, at --base-batch samples per step",
-    ] = 0.2
-    momentum: Annotated[float, "momentum (sgd and rmsprop only)"] = 0.9
-    nesterov: Annotated[bool, "Nesterov momentum (sgd only)"] = True
+        float | None,
+        "peak learning rate (the LR schedule's base); with --lr-scaling, at --base-batch samples per "
+        "step (default: per optimizer: "
+        + ", ".join(f"{name} {d['lr']:g}" for name, d in OPTIMIZER_DEFAULTS.items())
+        + ")",
+    ] = None
+    momentum: Annotated[
+        float | None,
+        "momentum, for "
+        + " and ".join(name for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
+        + " only (default: "
+        + ", ".join(f"{name} {d['momentum']:g}" for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
+        + ")",
+    ] = None
+    nesterov: Annotated[bool | None, "Nesterov momentum, for sgd only (default: on when momentum > 0)"] = None
     weight_decay: Annotated[float, "L2 penalty (decoupled for adamw), per step"] = 5e-4
     optimizer_args: Annotated[
         dict[str, Any], "other keyword arguments of the optimizer, as JSON, e.g. '{\"betas\": [0.9, 0.99]}'"
@@ -122,14 +202,12 @@ class Config:
         "LR schedule of resfast.schedules; its first argument is --lr, and its 'total' (when it has "
         "one) the whole run",
     ] = "cosine"
-    lr_args: Annotated[
-        dict[str, Any],
-        'other arguments of the LR schedule as JSON; lengths in samples, or "<x>ep" for x epochs, '
-        'e.g. \'{"every": "10ep", "gamma": 0.1}\' for step',
-    ] = field(default_factory=dict)
+    lr_args: Annotated[dict[str, Any], LR_ARGS_HELP] = field(default_factory=dict)
     warmup_epochs: Annotated[
-        float, "linear LR warmup over the first N epochs (resfast.schedules.Warmup); 0: none"
-    ] = 2.0
+        float | None,
+        f"linear LR warmup over the first N epochs (resfast.schedules.Warmup); 0: none (default: "
+        f"{WARMUP_EPOCHS:g}, and 0 for onecycle, which rises from --lr / div_factor by itself)",
+    ] = None
     warmup_start_factor: Annotated[float, "the warmup starts at this fraction of the scheduled LR"] = 0.1
     batch_size: Annotated[
         int,
@@ -161,6 +239,9 @@ class Config:
         "runs/train"
     )
     resume: Annotated[bool, "continue from <out>/checkpoint.pt (written after every epoch)"] = False
+    overwrite: Annotated[
+        bool, "replace the run in --out, if any (without it, a run refuses to write over another)"
+    ] = False
     progress: Annotated[bool, "show a progress bar per epoch (on stderr)"] = True
 
     def __post_init__(self) -> None:
@@ -173,23 +254,75 @@ class Config:
         for name in ("image_size", "train_samples", "test_samples", "workers", "threads", "base_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.warmup_epochs < 0:
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:
             raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder that holds it)")
         if self.impl == "torch" and self.fuse_bn == "on":
             raise ValueError("--fuse-bn on needs --impl resfast (--impl torch runs plain PyTorch)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
+        ignored = [
+            f"--{name} {getattr(self, name)}"
+            for name, users in (("momentum", _MOMENTUM_OPTIMIZERS), ("nesterov", ("sgd",)))
+            if getattr(self, name) is not None and self.optimizer not in users
+        ]
+        if ignored:
+            warnings.warn(
+                f"{' and '.join(ignored)}: ignored by --optimizer {self.optimizer}, which has no such "
+                "option (set its own in --optimizer-args, e.g. betas for adam)",
+                UserWarning,
+                stacklevel=3,  # the caller of Config(...)
+            )
+
+    def resolved(self) -> Config:
+        """These settings with every default that depends on others filled in (LR and momentum per
+        optimizer, warmup per LR schedule), and the options the optimizer ignores cleared: what the
+        run uses, its summary shows and its checkpoint records."""
+        defaults = OPTIMIZER_DEFAULTS[self.optimizer]
+        momentum = None
+        if "momentum" in defaults:
+            momentum = defaults["momentum"] if self.momentum is None else self.momentum
+        nesterov = None
+        if self.optimizer == "sgd":
+            nesterov = bool(momentum) if self.nesterov is None else self.nesterov
+        warmup = self.warmup_epochs
+        if warmup is None:
+            warmup = 0.0 if self.lr_schedule == "onecycle" else WARMUP_EPOCHS
+        return dataclasses.replace(
+            self,
+            lr=defaults["lr"] if self.lr is None else self.lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            warmup_epochs=warmup,
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The resolved settings as a dict (checkpoints and the summary record these)."""
+        return dataclasses.asdict(self.resolved())
+
+
+_MOMENTUM_OPTIMIZERS = tuple(name for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
+
+
+def _optional(hint: Any) -> Any:
+    """``X`` for a hint ``X | None``, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check a value against a field's type; ints are accepted for floats (TOML writes 1 for 1.0)."""
+    if (inner := _optional(hint)) is not None:
+        if value is None:
+            return None
+        hint = inner
     if typing.get_origin(hint) is Literal:
         if value not in typing.get_args(hint):
             raise ValueError(f"{name} must be one of {', '.join(typing.get_args(hint))}; got {value!r}")
@@ -203,7 +336,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """The settings of a TOML file (field names as keys, in any table nesting: tables are flattened)."""
+    """The settings of a TOML file (field names as keys, in any table nesting: tables are flattened).
+
+    A relative ``data_dir`` is taken from the file's folder, so the file works from any directory.
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -235,6 +371,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
                 )
 
     walk(raw, "")
+    if "data_dir" in flat and isinstance(flat["data_dir"], str) and flat["data_dir"]:
+        flat["data_dir"] = str(Path(path).parent / Path(flat["data_dir"]).expanduser())
     return flat
 
 
@@ -250,7 +388,7 @@ def _parse_json_object(text: str) -> dict[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m resfast.train",
+        prog=PROG,
         description="Train a ResNet with resfast's fused optimizers, fused BatchNorm and sample-clock "
         "schedules. The last line on stdout is the run's summary as one JSON object.",
         argument_default=argparse.SUPPRESS,  # only the flags typed override the TOML file
@@ -261,6 +399,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         hint, help = hints[f.name].__origin__, hints[f.name].__metadata__[0]
         default = getattr(defaults, f.name)
+        hint = _optional(hint) or hint  # None: a default that depends on other settings, as help says
         kwargs: dict[str, Any] = {}
         if typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
@@ -271,8 +410,9 @@ def _parser() -> argparse.ArgumentParser:
             default = json.dumps(default)  # shown as the user would type it
         else:
             kwargs["type"] = hint
-        # argparse %-formats help strings.
-        help = f"{help} (default: {default})".replace("%", "%%")
+        if default is not None:
+            help = f"{help} (default: {default})"
+        help = help.replace("%", "%%")  # argparse %-formats help strings
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=help, **kwargs)
     return parser
 

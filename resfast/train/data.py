@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from resfast.train.config import Config
+from resfast.train.errors import SettingError, UserFileNotFoundError
 
 __all__ = ["BatchTransform", "Data", "InMemory", "load"]
 
@@ -201,7 +202,7 @@ def _read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
         if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= 9:
             raise ValueError(f"labels outside 0..9 ({int(labels.min())}..{int(labels.max())})")
     except Exception as e:
-        raise ValueError(
+        raise SettingError(
             f"cifar10: {path} is not a CIFAR-10 python batch (a pickled dict with b'data', uint8 of shape "
             f"(N, 3072) with rows R, G, B of 32x32, and b'labels', N ints in 0..9): "
             f"{type(e).__name__}: {e}"
@@ -214,7 +215,7 @@ def _cifar10(cfg: Config) -> Data:
     root = _cifar10_root(cfg.data_dir)
     missing = [name for name in (*CIFAR10_TRAIN, CIFAR10_TEST) if not (root / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"cifar10: expected the python-pickle CIFAR-10 files data_batch_1 .. data_batch_5 and "
             f"test_batch in {root} (or in {root}/cifar-10-batches-py); missing: {', '.join(missing)}. "
             f"Get them from {CIFAR10_URL} (tar xzf) and pass the extracted folder as --data-dir."
@@ -245,7 +246,7 @@ def _imagefolder(cfg: Config) -> Data:
     root = Path(cfg.data_dir)
     test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"imagefolder: expected {root}/train and {root}/val (or {root}/test), each with one "
             "sub-folder of images per class (torchvision.datasets.ImageFolder layout)"
         )
@@ -259,9 +260,9 @@ def _imagefolder(cfg: Config) -> Data:
         )
         test = datasets.ImageFolder(str(test_dir), transforms.Compose(resize + normalize))
     except (FileNotFoundError, RuntimeError) as e:  # ImageFolder's "found no valid file" errors
-        raise FileNotFoundError(f"imagefolder: {e}") from None
+        raise UserFileNotFoundError(f"imagefolder: {e}") from None
     if train.classes != test.classes:
-        raise ValueError(
+        raise SettingError(
             f"imagefolder: {root}/train has classes {train.classes} but {test_dir} has {test.classes}"
         )
     # Already normalised tensors: the batch transform only resizes (a no-op) and converts nothing.

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from resfast.train.errors import SettingError
+
 __all__ = ["Dist", "setup"]
 
 
@@ -44,7 +46,7 @@ def setup(requested: str) -> tuple[Dist, torch.device]:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+        raise SettingError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     info = Dist(rank=int(os.environ.get("RANK", "0")), world_size=world_size)

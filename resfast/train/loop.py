@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,14 @@ from resfast.schedules import NoiseScaleBatch, Plan
 from resfast.train import build, checkpoint, distributed, report
 from resfast.train.config import Config
 from resfast.train.data import Data, InMemory, load
+from resfast.train.errors import SettingError
 
 __all__ = ["run"]
 
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MASK32 = 0xFFFFFFFF
+# What a run writes into --out: another run's files there are refused, or removed by --overwrite.
+OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "summary.json", "curves.png")
 
 
 def augment_seed(seed: int, samples: int, world_size: int, rank: int) -> int:
@@ -56,6 +59,8 @@ class Run:
     scaler: torch.amp.GradScaler
     train_loader: DataLoader[Any]
     test_loader: DataLoader[Any]
+    # This rank's batch sizes stepped so far: under --compile, a new one is a step that compiles.
+    batch_sizes: set[int] = field(default_factory=set)
 
     def batches(self, loader: DataLoader[Any]) -> Any:
         for images, labels in loader:
@@ -133,7 +138,13 @@ def _grad_sq_norm(model: nn.Module) -> Tensor:
     return torch.nn.utils.get_total_norm(grads).float() ** 2
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the GPU's queued work belongs to the time measured
+
+
 def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
+    """Train one epoch; ``progress`` gets its steps' trace and its compile time and samples."""
     cfg, plan, dist = run.cfg, run.plan, run.dist
     run.net.train()
     totals = _Totals(run.device)
@@ -141,26 +152,39 @@ def _train_epoch(run: Run, progress: checkpoint.Progress) -> dict[str, float]:
     # Reading the loss for the bar waits for the GPU: there, only every 20 steps.
     refresh = 1 if run.device.type == "cpu" else 20
     shown: dict[str, Any] = {}
+    compile_seconds = 0.0
     start_time = time.perf_counter()
     for step, (images, labels) in enumerate(run.batches(run.train_loader), 1):
         start, lr = plan.samples, plan.lr
         seed = augment_seed(cfg.seed, start, dist.world_size, dist.rank) if cfg.augment else None
-        loss, correct = _train_step(run, run.prepare(images, seed), labels)
+        x = run.prepare(images, seed)
+        # torch.compile compiles for the first batch shape and again for the second (then with a
+        # dynamic batch size): a step at a new size is timed apart, as compilation, not training.
+        # (Later new sizes reuse the dynamic graph; counting their one step each costs little.)
+        compiles = cfg.compile and len(labels) not in run.batch_sizes
+        if compiles:
+            run.batch_sizes.add(len(labels))
+            _sync(run.device)
+            compile_start = time.perf_counter()
+        loss, correct = _train_step(run, x, labels)
         plan.step()
         batch = plan.samples - start  # the global batch just trained (the sampler told the plan)
+        if compiles:
+            _sync(run.device)
+            compile_seconds += time.perf_counter() - compile_start
+            progress.compile_samples += batch
         progress.trace.append([start, lr, batch])
         totals.add(loss, correct, len(labels))
         if step % refresh == 0:
             shown |= {"loss": f"{totals.loss_sum.item() / totals.count:.4f}"}
             shown |= {"acc": f"{totals.correct.item() / totals.count:.2%}"}
         bar.update(batch, **(shown | {"lr": f"{plan.lr:.4g}", "batch": batch}))
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)  # the GPU's work belongs to this epoch's time
-    seconds = time.perf_counter() - start_time
+    _sync(run.device)
+    seconds = time.perf_counter() - start_time - compile_seconds
     loss, acc = totals.means(dist)
     # The bar's last word matches the epoch's metrics.jsonl line (not the epoch's partial last batch).
     bar.close(loss=f"{loss:.4f}", acc=f"{acc:.2%}", lr=f"{plan.lr:.4g}", batch=plan.batch_size)
-    return {"train_loss": loss, "train_acc": acc, "epoch_time_s": seconds}
+    return {"train_loss": loss, "train_acc": acc, "epoch_time_s": seconds, "compile_time_s": compile_seconds}
 
 
 @torch.no_grad()
@@ -205,8 +229,9 @@ def _summary(run: Run, progress: checkpoint.Progress, wall: float) -> dict[str, 
         "train_acc": last["train_acc"],
         "train_loss": last["train_loss"],
         "train_time_s": progress.train_time_s,
+        "compile_time_s": progress.compile_time_s,
         "wall_time_s": wall,
-        "img_per_s": run.plan.samples / progress.train_time_s,
+        "img_per_s": (run.plan.samples - progress.compile_samples) / progress.train_time_s,
         "epochs": progress.epoch,
         "samples": run.plan.samples,
         "steps": run.plan.steps,
@@ -229,7 +254,12 @@ def _summary(run: Run, progress: checkpoint.Progress, wall: float) -> dict[str, 
 
 
 def run(cfg: Config) -> dict[str, Any] | None:
-    """Train as ``cfg`` says. Rank 0 writes <out>/summary.json and returns the summary; others None."""
+    """Train as ``cfg`` says. Rank 0 writes <out>/summary.json and returns the summary; others None.
+
+    What the user asked for and cannot be done (settings, data, checkpoint, --out, backend) raises a
+    `resfast.train.errors.UserError` before training starts.
+    """
+    cfg = cfg.resolved()
     dist, device = distributed.setup(cfg.device)
     try:
         summary = _run(cfg, dist, device)
@@ -250,12 +280,18 @@ def _run(cfg: Config, dist: distributed.Dist, device: torch.device) -> dict[str,
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolutions once
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
-    # Read the checkpoint before building or writing anything: a bad one stops the run untouched.
+    # Check what needs no work first: a bad checkpoint, --out or backend stops the run untouched.
     ckpt = checkpoint.load(ckpt_path, cfg) if cfg.resume else None
+    if not cfg.resume and not cfg.overwrite and (found := [n for n in OUTPUTS if (out / n).exists()]):
+        raise SettingError(
+            f"--out {out} holds another run ({', '.join(found)}); continue it with --resume, replace it "
+            "with --overwrite, or choose another --out"
+        )
+    build.optimizer_backend(cfg, device)
+    build.bn_backend(cfg, device)
     torch.manual_seed(cfg.seed)
     data = load(cfg).to(device)
     model = build.make_model(cfg, data.num_classes, device)
-    build.optimizer_backend(cfg, device)  # an unavailable --backend fails here, before training
     optimizer = build.make_optimizer(cfg, model)
     plan = build.make_plan(cfg, optimizer, len(data.train))  # type: ignore[arg-type]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
@@ -264,10 +300,17 @@ def _run(cfg: Config, dist: distributed.Dist, device: torch.device) -> dict[str,
     net = _wrap(cfg, model, dist, device)
     run = Run(cfg, dist, device, data, model, net, optimizer, plan, scaler, train_loader, test_loader)
     if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SettingError(f"--out {out}: cannot create it ({e})") from None
+        if cfg.overwrite:  # the old run goes only now that the new one is ready to write its own
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
     while progress.epoch < cfg.epochs:
         record = _train_epoch(run, progress)
         progress.train_time_s += record["epoch_time_s"]
+        progress.compile_time_s += record["compile_time_s"]
         record |= _evaluate(run)
         # Loss-driven schedules (plateau, loss_backoff) see the epoch's training loss: the test set
         # stays out of every decision.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,25 @@ __all__ = ["Bar", "plot_curves", "write_json", "write_metrics"]
 
 
 class Bar:
-    """One tqdm bar per epoch, counting images; a no-op when disabled (other ranks, --no-progress)."""
+    """One tqdm bar per epoch, counting images, when stderr is a terminal; a no-op when disabled (other
+    ranks, --no-progress).
+
+    Elsewhere (a log file, a pipe) a redrawn bar would write an update after update, separated by
+    carriage returns, into the log: there the epoch shows as one line, written when it ends.
+    """
+
+    _FORMAT = "{desc}: {n_fmt}/{total_fmt} img [{elapsed}, {rate_fmt}{postfix}]"
 
     def __init__(self, enabled: bool, epoch: int, epochs: int, total: int) -> None:
+        self._enabled, self._desc, self._total = enabled, f"epoch {epoch}/{epochs}", total
+        self._images, self._start = 0, time.perf_counter()
         self._bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(
                 total=total,
-                desc=f"epoch {epoch}/{epochs}",
+                desc=self._desc,
                 unit="img",
                 unit_scale=True,
                 leave=True,
@@ -31,6 +41,7 @@ class Bar:
             )
 
     def update(self, images: int, **postfix: Any) -> None:
+        self._images += images
         if self._bar is not None:
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
@@ -40,6 +51,20 @@ class Bar:
         if self._bar is not None:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.close()
+        elif self._enabled:
+            from tqdm import tqdm
+
+            line = tqdm.format_meter(
+                self._images,
+                self._total,
+                time.perf_counter() - self._start,
+                prefix=self._desc,
+                unit="img",
+                unit_scale=True,
+                postfix=", ".join(f"{k}={v}" for k, v in postfix.items()),
+                bar_format=self._FORMAT,
+            )
+            print(line, file=sys.stderr, flush=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
