@@ -132,3 +132,19 @@ def test_hooks_and_add_param_group(name):
     post.remove()
     opt.step()
     assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_meta_params_step_as_in_torch(case):
+    """Params on the meta device (shapes without values, e.g. to plan memory) step as with torch: the
+    same state keys, shapes, dtypes and devices (the step count on the CPU, where torch keeps it)."""
+    name, kwargs = case
+    states = []
+    for module in (torch.optim, resfast.optim):
+        p = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
+        opt = getattr(module, name)([p], **kwargs)
+        for _ in range(2):
+            p.grad = torch.empty_like(p)
+            opt.step()
+        states.append({k: (v.shape, v.dtype, v.device) for k, v in opt.state[p].items()})
+    assert states[1] == states[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -65,20 +67,71 @@ def test_sparse_grad_raises_before_any_change(name):
     assert len(opt.state) == 0  # resfast created no state for the dense param either
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
-def test_sparse_grads_follow_torch_where_torch_supports_them(name):
-    dense = torch.randn(6, 3)
-    ours, theirs = dense.clone(), dense.clone()
-    grad = torch.zeros(6, 3)
-    grad[[1, 4]] = torch.randn(2, 3)
-    opt_r = getattr(resfast.optim, name)([ours], lr=0.1)
-    opt_t = getattr(torch.optim, name)([theirs], lr=0.1)
-    for _ in range(2):
-        ours.grad, theirs.grad = grad.to_sparse(), grad.to_sparse()
-        opt_r.step()
-        opt_t.step()
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
-    assert not torch.equal(ours, dense)
+# Sparse gradients, where torch supports them: SGD (any momentum option) and Adagrad, without weight decay.
+SPARSE_CASES = [
+    ("SGD", {"lr": 0.1}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9}),
+    ("SGD", {"lr": torch.tensor(0.1), "momentum": 0.9, "dampening": 0.3, "maximize": True}),
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+    ("Adagrad", {"lr": 0.1}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.1, "initial_accumulator_value": 0.5, "maximize": True}),
+]
+
+
+def _embedding_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=case_id)
+def test_sparse_grads_follow_torch_where_torch_supports_them(case):
+    """An Embedding(sparse=True) beside a dense layer: params and every state (SGD's momentum buffer
+    sparse, as torch's) equal torch's after each step, rows repeated within a batch included."""
+    name, kwargs = case
+    ours, theirs = _embedding_model(0), _embedding_model(0)
+    opt_r = getattr(resfast.optim, name)(ours.parameters(), **kwargs)
+    opt_t = getattr(torch.optim, name)(theirs.parameters(), **kwargs)
+    for step, rows in enumerate(([1, 4, 1], [4, 7], [2, 2, 9])):
+        for model, opt in ((ours, opt_r), (theirs, opt_t)):
+            opt.zero_grad()
+            model(torch.tensor(rows)).square().sum().backward()
+            assert model[0].weight.grad.is_sparse
+            opt.step()
+        for p_r, p_t in zip(ours.parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(p_r, p_t, rtol=1e-6, atol=1e-7, msg=f"step {step}")
+            state_r, state_t = opt_r.state[p_r], opt_t.state[p_t]
+            assert state_r.keys() == state_t.keys()
+            for key, want in state_t.items():
+                got = state_r[key]
+                assert got.layout == want.layout, key
+                torch.testing.assert_close(got.to_dense(), want.to_dense(), rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("name, kwargs", [("SGD", {"momentum": 0.9}), ("Adagrad", {})])
+def test_sparse_grad_with_weight_decay_raises_before_any_change(name, kwargs):
+    """torch refuses weight decay with a sparse grad only once its step is under way (Adagrad has then
+    counted the step, SGD fails on add(sparse, dense)); resfast raises torch's Adagrad error before
+    anything changes."""
+    model = _embedding_model(0)
+    opt = getattr(resfast.optim, name)(model.parameters(), lr=0.1, weight_decay=0.01, **kwargs)
+    model(torch.tensor([1, 2])).sum().backward()
+    model[0].weight.grad = None  # a first step updates the dense layer only: there is state to keep
+    opt.step()
+    model(torch.tensor([1, 2])).sum().backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match="weight_decay option is not compatible with sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    _assert_same_state(opt.state_dict(), state)
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert got["state"].keys() == want["state"].keys()
+    for index, saved in want["state"].items():
+        assert got["state"][index].keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(got["state"][index][key], value), (index, key)
 
 
 def test_unavailable_backend_raises_at_step_before_any_change():

@@ -230,7 +230,8 @@ def _adagrad_sparse(
     indices, values = grad._indices(), grad._values()
 
     def make_sparse(v: Tensor) -> Tensor:
-        return torch.sparse_coo_tensor(indices, v, grad.size())
+        # The indices are a coalesced gradient's: valid, no need to check them again.
+        return torch.sparse_coo_tensor(indices, v, grad.size(), check_invariants=False)
 
     state_sum.add_(make_sparse(values.pow(2)))
     std_values = state_sum.sparse_mask(grad)._values().sqrt_().add_(eps)

@@ -12,7 +12,6 @@ group and chooses backends without touching state; ``_run`` creates missing stat
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,25 +23,21 @@ from torch import Tensor
 
 from resfast import backends
 
-# Backend name -> module implementing the kernel functions (same signatures in every module).
-_KERNEL_MODULES = {
-    "reference": "resfast.kernels.reference_optim",
-    "triton": "resfast.kernels.triton_optim",
-    "cpu": "resfast.kernels.cext",
-    "cuda": "resfast.kernels.cext",
-}
-
-
-# Imported kernel modules by backend: after the first step torch.compile finds them here (it cannot
-# trace an import).
-_loaded: dict[str, ModuleType] = {}
-
 
 def kernel_module(backend: str) -> ModuleType:
-    """The module of optimizer kernels for an available backend (imported on first use)."""
-    module = _loaded.get(backend)
-    if module is None:
-        module = _loaded[backend] = importlib.import_module(_KERNEL_MODULES[backend])
+    """The module of optimizer kernels for an available backend, imported on first use; every module
+    has the same functions with the same signatures.
+
+    Import statements, not importlib: torch.compile runs an import statement when it traces one (it
+    cannot trace importlib), so a step compiled from its very first call has no graph break here."""
+    if backend == "reference":
+        from resfast.kernels import reference_optim as module
+    elif backend == "triton":
+        from resfast.kernels import triton_optim as module
+    elif backend in ("cpu", "cuda"):
+        from resfast.kernels import cext as module
+    else:
+        raise AssertionError(f"no kernel module for backend {backend!r}")
     return module
 
 
@@ -174,8 +169,8 @@ class FusedStep:
     - ``_state_keys(group)``: the per-param state tensors the kernel updates, in kernel order;
     - ``_new_state(group, param, key)``: a fresh state tensor, as torch would create it;
     - ``_has_step``: whether the state holds a ``step`` counter;
-    - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported and
-      run on the reference backend);
+    - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported, as
+      by torch's SGD and Adagrad, and run on the reference backend);
     - ``_update(fn, group, batch)``: call kernel `fn` on a :class:`Batch`.
     """
 
@@ -290,6 +285,10 @@ class FusedStep:
         if sparse:
             if self._sparse_grad_error is not None:
                 raise RuntimeError(self._sparse_grad_error)
+            if group["weight_decay"] != 0:
+                # torch's Adagrad raises this once it has counted the step, and its SGD fails on
+                # add(sparse, dense); refused here, before anything changes.
+                raise RuntimeError("weight_decay option is not compatible with sparse gradients")
             return _Bucket("reference", self._low_precision_mode(p))
         self._check_capturable(group, p)
         return _Bucket(self._choose_backend(p), self._low_precision_mode(p))
@@ -331,20 +330,20 @@ class FusedStep:
         state: dict[str, Any],
         keys: tuple[str, ...],
         master: bool,
-        device: torch.device,
+        step_device: torch.device,
     ) -> bool:
         """Give p's state every tensor the kernel needs (`keys`, and the fp32 copy if `master`), created
         as torch creates them; return whether one was created in this call (SGD starts its momentum).
-        `device`: p's, which the caller knows for the whole bucket."""
+        `step_device`: where the step counter lives, which the caller knows for the whole bucket."""
         created = False
         if self._has_step:
             step = state.get("step")
             if step is None:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            elif step.device != device:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            elif step.device != step_device:
                 # Checkpoints from torch's non-fused optimizers keep `step` on the CPU; resfast, like
                 # torch's fused optimizers, keeps it beside the param so no step needs a host sync.
-                state["step"] = step.to(device)
+                state["step"] = step.to(step_device)
         for key in keys:
             # None is torch's "no buffer yet" too (torch 1.x SGD saved momentum_buffer=None).
             if state.get(key) is None:
@@ -369,10 +368,13 @@ class FusedStep:
         # SGD without momentum: torch keeps no state at all, not even an empty entry per param.
         stateful = self._has_step or bool(keys) or master
         device, is_complex = bucket.params[0].device, bucket.params[0].dtype.is_complex
+        # A meta param has no values (it only carries shapes): its step count stays on the CPU, as torch
+        # keeps it, where the reference's bias corrections can read it.
+        step_device = device if device.type != "meta" else torch.device("cpu")
         rows, states, fresh = [], [], []
         for p in bucket.params:
             state = self.state[p] if stateful else {}
-            fresh.append(self._init_state(group, p, state, keys, master, device) if stateful else False)
+            fresh.append(self._init_state(group, p, state, keys, master, step_device) if stateful else False)
             states.append(state)
             row = [p, p.grad, *(state[k] for k in keys)]
             plain = not is_complex and type(p) in _PLAIN_TENSOR_TYPES
@@ -447,7 +449,23 @@ class FusedStep:
         # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
         # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
         seed = int(torch.randint(0, 2**30, ()).item()) if self.bf16_stochastic_rounding else None
+        update = self._update_all
+        if torch.compiler.is_compiling() and any(b.backend == "triton" for plan in plans for b in plan):
+            # The Triton launchers build their work table on the host and cannot be traced: the whole
+            # update then runs eagerly, behind one graph break here. A break inside the update's loops
+            # would make dynamo compile every function the update calls as a frame of its own (per
+            # parameter: warnings, then its recompile limit).
+            update = torch.compiler.disable(update)
+        update(plans, grad_scale, found_inf, seed)
+        return loss
+
+    def _update_all(
+        self,
+        plans: list[list[_Bucket]],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+        seed: int | None,
+    ) -> None:
         for group, buckets in zip(self.param_groups, plans, strict=True):
             for bucket in buckets:
                 self._run(group, bucket, grad_scale, found_inf, seed)
-        return loss

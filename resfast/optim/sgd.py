@@ -51,7 +51,10 @@ class SGD(FusedStep, torch.optim.SGD):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
-        # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it.
+        # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it: so a
+        # sparse gradient starts a sparse buffer, as in torch.
+        if p.grad is not None and p.grad.is_sparse:
+            return torch.zeros_like(p.grad)
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
