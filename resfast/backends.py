@@ -9,7 +9,7 @@ Backends:
 
 ``auto`` picks the fastest available one for the tensors' device and dtype; the environment variable
 ``RESFAST_BACKEND`` overrides ``auto`` (not an explicit choice). When a requested backend cannot run,
-the error says why, and ``info()`` shows the same reasons for every backend.
+the error says why, and ``info()`` shows the same reasons for every backend, per op.
 """
 
 from __future__ import annotations
@@ -22,11 +22,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailable", "choose", "info", "validate"]
+__all__ = ["BACKENDS", "ENV_VAR", "BackendUnavailable", "Info", "choose", "info", "validate"]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # The fused kernels compute in fp32 and store in these dtypes; anything else runs on `reference`.
 FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The backends whose optimizer kernels implement master weights and bf16 stochastic rounding (beyond
+# torch); the native ones do not yet.
+LOW_PRECISION_BACKENDS = ("triton", "reference")
+# The environment variable that overrides `auto`.
+ENV_VAR = "RESFAST_BACKEND"
 
 
 class BackendUnavailable(RuntimeError):
@@ -34,10 +39,24 @@ class BackendUnavailable(RuntimeError):
 
 
 def validate(requested: str) -> str:
-    """Check a backend name at construction time (before any state exists)."""
+    """Check a backend name at construction time (before any state exists); for `auto`, check the
+    environment variable that overrides it too."""
     if not isinstance(requested, str) or requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested == "auto":
+        _auto_override()
     return requested
+
+
+def _auto_override() -> str:
+    """What `auto` means here: the backend named by RESFAST_BACKEND, or `auto` when it is unset or empty."""
+    value = os.environ.get(ENV_VAR) or "auto"
+    if value not in BACKENDS:
+        raise ValueError(
+            f"environment variable {ENV_VAR}={value!r} is not a backend; set it to one of "
+            f"{', '.join(BACKENDS)}, or unset it"
+        )
+    return value
 
 
 def _interpreting() -> bool:
@@ -156,28 +175,66 @@ def choose(
     `implemented` lists the backends that have kernels for the op: `auto` skips the others, and asking
     for one of them explicitly raises BackendUnavailable saying so."""
     if requested == "auto":
-        requested = validate(os.environ.get("RESFAST_BACKEND", "auto"))
+        requested = _auto_override()
     return _choose(torch.device(device), dtype, requested, implemented, op)
 
 
-def info(verbose: bool = True) -> dict[str, str]:
-    """What each backend can run here (CPU always; CUDA if a GPU is present), and why not otherwise."""
+class Info(dict[str, str]):
+    """What :func:`info` found, as a dict (topic -> finding) whose repr is a table."""
+
+    def __repr__(self) -> str:
+        width = max(map(len, self), default=0)
+        return "\n".join(f"{key:<{width}}  {value}" for key, value in self.items())
+
+
+def _describe_extension() -> str:
+    ext, why = native_extension()
+    if ext is None:
+        return f"not loaded: {why}"
+    cuda = "built" if ext.HAS_CUDA else f"not built ({getattr(ext, 'CUDA_SKIP_REASON', 'no nvcc')})"
+    isa = ext.cpu_kernel_isa()  # the instruction set torch itself runs (ATEN_CPU_CAPABILITY selects it)
+    return f"loaded; CPU kernels for {isa}; CUDA kernels {cuda}"
+
+
+def info() -> Info:
+    """What each backend can run here (on the CPU, and on CUDA if a GPU is present) for each op, why
+    not otherwise, and what `auto` picks. Printed, it is a table: ``print(resfast.backends.info())``."""
+    # The fused BN's kernel table lives with the op; imported here, on demand (it registers the ops).
+    from resfast.nn import functional
+
+    ops = {"optimizers": BACKENDS[1:], "batch_norm_add_relu": tuple(functional._KERNEL_MODULES)}
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    report = {}
+    report = Info()
+    report["native extension (resfast._C)"] = _describe_extension()
     for backend in BACKENDS[1:]:
         reasons = [(d, _why_not(backend, d, torch.float32)) for d in devices]
         ok = [d.type for d, why in reasons if why is None]
-        report[backend] = (
-            f"available on {', '.join(ok)}"
-            if ok
-            else "unavailable: " + "; ".join(f"{d.type}: {why}" for d, why in reasons)
+        if not ok:
+            report[backend] = "unavailable: " + "; ".join(f"{d.type}: {why}" for d, why in reasons)
+            continue
+        with_kernels = [op for op, implemented in ops.items() if backend in implemented]
+        without = [op for op in ops if op not in with_kernels]
+        report[backend] = f"available on {', '.join(ok)}: {', '.join(with_kernels)}" + (
+            f" (no {', '.join(without)} kernels)" if without else ""
         )
+    override = os.environ.get(ENV_VAR)
+    if override:
+        report[ENV_VAR] = f"{override!r} (replaces auto)"
+    # What auto picks, per kind of work: the optimizers' dtypes, their low-precision modes, the BN.
+    kinds = {
+        "optimizers": (torch.float32, ops["optimizers"]),
+        "float64/complex": (torch.float64, ops["optimizers"]),
+        "master_weights/bf16_stochastic_rounding": (torch.bfloat16, LOW_PRECISION_BACKENDS),
+        "batch_norm_add_relu": (torch.float32, ops["batch_norm_add_relu"]),
+    }
     for device in devices:
-        report[f"auto on {device.type}"] = choose(device, torch.float32, "auto")
-    if verbose:
-        width = max(map(len, report))
-        for key, value in report.items():
-            print(f"{key:<{width}}  {value}")
+        picks = []
+        for kind, (dtype, implemented) in kinds.items():
+            try:
+                picks.append(f"{kind}: {choose(device, dtype, 'auto', implemented=implemented)}")
+            except (ValueError, BackendUnavailable) as e:  # RESFAST_BACKEND names a backend unfit here
+                picks.append(f"{kind}: none ({e})")
+        report[f"auto on {device.type}"] = "; ".join(picks)
     return report

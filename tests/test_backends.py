@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import resfast.nn
+import resfast.optim
 from resfast import backends
 
 
@@ -19,10 +21,25 @@ def test_auto_on_cpu_is_an_available_backend():
 def test_env_overrides_auto_only(monkeypatch):
     monkeypatch.setenv("RESFAST_BACKEND", "reference")
     assert backends.choose("cpu", torch.float32, "auto") == "reference"
-    monkeypatch.setenv("RESFAST_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="nonsense"):
-        backends.choose("cpu", torch.float32, "auto")
+    monkeypatch.setenv("RESFAST_BACKEND", "")  # empty: unset
+    assert backends.choose("cpu", torch.float32, "auto") == backends.choose("cpu", torch.float32, "cpu")
+    monkeypatch.setenv("RESFAST_BACKEND", "gpu")
     assert backends.choose("cpu", torch.float32, "reference") == "reference"  # explicit wins
+
+
+def test_bad_env_value_names_the_variable_at_construction(monkeypatch):
+    """A bad RESFAST_BACKEND is refused when an optimizer or module is built (not at its first step),
+    naming the variable, its value and the allowed ones."""
+    monkeypatch.setenv("RESFAST_BACKEND", "gpu")
+    message = r"RESFAST_BACKEND='gpu' is not a backend; set it to one of auto, triton, cuda, cpu, reference"
+    for build in (
+        lambda: resfast.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1),
+        lambda: resfast.nn.BatchNormAddReLU(3),
+        lambda: backends.choose("cpu", torch.float32, "auto"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build()
+    resfast.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1, backend="reference")  # not read
 
 
 def test_unavailable_backend_lists_every_backend_and_why():
@@ -32,11 +49,24 @@ def test_unavailable_backend_lists_every_backend_and_why():
     assert "cuda" in message and all(name in message for name in ("triton", "cpu", "reference"))
 
 
-def test_info_reports_every_backend(capsys):
+def test_info_reports_every_backend_per_op_and_prints_once(capsys):
     report = backends.info()
+    assert capsys.readouterr().out == ""  # a REPL shows its repr, the table, once
     assert set(backends.BACKENDS[1:]) <= set(report)
-    assert report["reference"].startswith("available")
-    assert "reference" in capsys.readouterr().out
+    assert report["reference"] == "available on cpu: optimizers, batch_norm_add_relu"
+    # The fused BN has no native kernels: auto on the CPU runs it on the reference.
+    assert "batch_norm_add_relu: reference" in report["auto on cpu"]
+    assert "float64/complex: reference" in report["auto on cpu"]
+    lines = repr(report).splitlines()  # one line per finding, the key first
+    assert [line.split("  ")[0].rstrip() for line in lines] == list(report)
+    assert str(report) == repr(report)
+
+
+@pytest.mark.skipif(backends.native_extension()[0] is None, reason="native extension not built")
+def test_info_names_the_cpu_kernels_instruction_set():
+    isa = backends.native_extension()[0].cpu_kernel_isa()
+    assert f"CPU kernels for {isa}" in backends.info()["native extension (resfast._C)"]
+    assert backends.info()["cpu"] == "available on cpu: optimizers (no batch_norm_add_relu kernels)"
 
 
 def test_validate_rejects_unknown_names():

@@ -140,8 +140,6 @@ class Batch:
 
 # Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
-# The backends whose kernels implement those two updates (the native ones do not yet).
-_LOW_PRECISION_BACKENDS = ("triton", "reference")
 
 
 @dataclass
@@ -308,7 +306,7 @@ class FusedStep:
             p.device,
             _kernel_view(p).dtype,
             self.backend,
-            implemented=_LOW_PRECISION_BACKENDS,
+            implemented=backends.LOW_PRECISION_BACKENDS,
             op=f"{mode} update",
         )
 
