@@ -49,14 +49,20 @@ def assert_matches_torch(ours: Tensor, theirs: Tensor, label: str) -> None:
     torch.testing.assert_close(ours, theirs, rtol=0, atol=atol, equal_nan=True, msg=lambda m: f"{label}: {m}")
 
 
+def assert_state_matches_torch(mine: Tensor, want: Tensor, label: str) -> None:
+    """As assert_matches_torch, except that a `step` counter is compared by value only: torch's
+    non-fused optimizers keep it on the CPU, resfast beside its param (docs/ARCHITECTURE.md)."""
+    if label.endswith(".step"):
+        assert mine.item() == want.item(), label
+    else:
+        assert_matches_torch(mine, want, label)
+
+
 def assert_states_match_torch(theirs, their_params, ours, our_params) -> None:
     expected, got = state_tensors(theirs, their_params), state_tensors(ours, our_params)
     assert [label for label, _ in got] == [label for label, _ in expected]
     for (label, want), (_, mine) in zip(expected, got, strict=True):
-        if label.endswith(".step"):
-            assert mine.item() == want.item(), label
-        else:
-            assert_matches_torch(mine, want, label)
+        assert_state_matches_torch(mine, want, label)
 
 
 def _optimizer(impl: str, name: str, params, kwargs: dict, backend: str):
@@ -350,7 +356,7 @@ def _assert_trajectories_match(theirs: list, ours: list) -> None:
     for expected, got in zip(theirs, ours, strict=True):
         assert [label for label, _ in got] == [label for label, _ in expected]
         for (label, want), (_, mine) in zip(expected, got, strict=True):
-            assert_matches_torch(mine, want, label)
+            assert_state_matches_torch(mine, want, label)
 
 
 @non_finite_warnings

@@ -81,7 +81,7 @@ def _graphed(name: str, backend: str) -> tuple[dict[str, torch.Tensor], list[flo
     side = torch.cuda.Stream()  # warm-up on a side stream, as torch.cuda.graph's docs ask
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for (x, y), value in zip(batches[:WARMUP], LRS, strict=True):
+        for (x, y), value in zip(batches[:WARMUP], LRS[:WARMUP], strict=True):
             lr.fill_(value)
             losses.append(_step(model, opt, x, y).item())
     torch.cuda.current_stream().wait_stream(side)

@@ -51,6 +51,11 @@ def _welford_combine(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
     """
     count = count_a + count_b
     # count_b / count, written so that two empty summaries give 0, not 0 / 0 (count_b is then 0).
+    # Triton's approximate division (`div.full.f32`, <= 2 ulps, on the GPU) and not tl.div_rn: this
+    # runs once per element in the statistics pass, where the IEEE sequence would cost about as many
+    # instructions as the rest of the fold and make a bf16 pass compute-bound on an H100/H200. Its
+    # error is in the weight of a summand, the size of the fold's own rounding; the statistics stay
+    # within the BN tests' 1e-5 (tests/test_triton_sm90.py pins which BN kernels may approximate).
     frac_b = count_b / tl.maximum(count, 1.0)
     delta = mean_b - mean_a
     return mean_a + delta * frac_b, m2_a + m2_b + delta * delta * count_a * frac_b, count
@@ -78,9 +83,18 @@ def _load_channels(ptr, c, C, other):
 
 
 @triton.jit
+def _invstd(var, eps):
+    """1 / sqrt(var + eps) rounded as IEEE division and square root, as torch's BN computes it: tl.rsqrt
+    is `rsqrt.approx.ftz` on the GPU (~2 ulps), an error every output would inherit and that the
+    BN tests' bound (2x torch's own error, a few fp32 roundings when torch is exact) leaves no room
+    for at small channel counts. Per channel, so its cost is nil."""
+    return tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
 def _channel_scale(mean_ptr, var_ptr, weight_ptr, c, C, eps, HAS_WEIGHT: tl.constexpr):
     """fp32 (mean, weight / sqrt(var + eps)) of channels c, so that bn(x) = (x - mean) * scale + bias."""
-    scale = tl.rsqrt(_load_channels(var_ptr, c, C, 1.0) + eps)
+    scale = _invstd(_load_channels(var_ptr, c, C, 1.0), eps)
     if HAS_WEIGHT:
         scale *= _load_channels(weight_ptr, c, C, 0.0)
     return _load_channels(mean_ptr, c, C, 0.0), scale
@@ -151,10 +165,11 @@ def _stats_finalize_kernel(
         )
     # Padding channels have count 0; the maximum keeps them finite (their stores are masked).
     tl.store(mean_ptr + c, mean, mask=c < C)
-    tl.store(var_ptr + c, m2 / tl.maximum(count, 1.0), mask=c < C)
+    # IEEE division (per channel, free): the variance feeds every output.
+    tl.store(var_ptr + c, tl.div_rn(m2, tl.maximum(count, 1.0)), mask=c < C)
     if HAS_RUNNING:
         # The caller rejects training with one value per channel, so count - 1 >= 1 on real channels.
-        unbiased_var = m2 / tl.maximum(count - 1.0, 1.0)
+        unbiased_var = tl.div_rn(m2, tl.maximum(count - 1.0, 1.0))
         running_mean = _load_channels(running_mean_ptr, c, C, 0.0)
         running_var = _load_channels(running_var_ptr, c, C, 0.0)
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
@@ -302,7 +317,7 @@ def _grad_finalize_kernel(
     for split in range(splits):
         sum_dz += _load_channels(partial_ptr + split * C, c, C, 0.0)
         sum_dz_xc += _load_channels(partial_ptr + (splits + split) * C, c, C, 0.0)
-    invstd = tl.rsqrt(_load_channels(var_ptr, c, C, 1.0) + eps)
+    invstd = _invstd(_load_channels(var_ptr, c, C, 1.0), eps)
     scale = invstd
     if HAS_WEIGHT:
         scale *= _load_channels(weight_ptr, c, C, 0.0)
@@ -364,6 +379,10 @@ def _grad_input_kernel(
 _TILE = 4096
 _MAX_BLOCK_S = 1024
 _MAX_BLOCK_C = 128
+# Channels per tile when channels are strided (NCHW): each channel of a tile is its own row of
+# 64-bit addresses, and a 64 x 64 tile (CIFAR's 8x8 stage) spilled registers in the forward pass
+# when compiled for sm_90 (tests/test_triton_sm90.py); 32 keeps 8 elements per thread.
+_MAX_BLOCK_C_STRIDED = 32
 _FINALIZE_BLOCK_C = 128
 
 Strides = tuple[int, int, int]
@@ -440,7 +459,7 @@ def _block_sizes(C: int, S: int, channels_contiguous: bool) -> tuple[int, int]:
         block_c = min(triton.next_power_of_2(C), _MAX_BLOCK_C)
         return min(triton.next_power_of_2(S), _TILE // block_c), block_c
     block_s = min(triton.next_power_of_2(S), _MAX_BLOCK_S)
-    return block_s, min(triton.next_power_of_2(C), _TILE // block_s)
+    return block_s, min(triton.next_power_of_2(C), _TILE // block_s, _MAX_BLOCK_C_STRIDED)
 
 
 def _plan(tensors: Sequence[Tensor | None]) -> _Plan:

@@ -19,6 +19,10 @@ from tensor addresses on the host, which cannot be traced. The `cpu`/`cuda` back
 ops and trace without a break.
 
 Math is fp32 whatever the storage dtype; each state is rounded once when stored. Offsets are int64.
+Division and square root are the IEEE round-to-nearest forms (`tl.div_rn`, `tl.sqrt_rn`), as in
+torch's fused CUDA kernels: Triton's `/` and `tl.sqrt` compile to approximate instructions on the GPU
+(`div.full.f32`, `sqrt.approx.ftz.f32`, which also flushes denormals) while the CPU interpreter CI runs
+computes them exactly, so only the IEEE forms agree on both (tests/test_triton_sm90.py checks the PTX).
 Semantics are those of :mod:`resfast.kernels.reference_optim` (same signatures), against which this
 module is tested.
 """
@@ -77,7 +81,7 @@ def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: 
     """The fp32 gradient, unscaled (and written back unscaled, as torch's fused kernels do)."""
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if HAS_SCALE:
-        g = g / tl.load(grad_scale_ptr)
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
         store_rounded(g_ptr, offs, g, mask)
     if MAXIMIZE:
         g = -g
@@ -189,16 +193,16 @@ def _rmsprop_kernel(
         ga_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
         ga = _lerp(_load(ga_ptr, offs, mask), g, one_minus_alpha)
         store_rounded(ga_ptr, offs, ga, mask)
-        avg = tl.sqrt(sq - ga * ga) + tl.load(c + 3)
+        avg = tl.sqrt_rn(sq - ga * ga) + tl.load(c + 3)
     else:
-        avg = tl.sqrt(sq) + tl.load(c + 3)
+        avg = tl.sqrt_rn(sq) + tl.load(c + 3)
     if HAS_MOMENTUM:
         b_ptr = _ptr(table_ptr, t, 3 + CENTERED, NCOL, DTYPE)
-        b = _load(b_ptr, offs, mask) * tl.load(c + 5) + g / avg
+        b = _load(b_ptr, offs, mask) * tl.load(c + 5) + tl.div_rn(g, avg)
         store_rounded(b_ptr, offs, b, mask)
         update = b
     else:
-        update = g / avg
+        update = tl.div_rn(g, avg)
     _store_param(p_ptr, table_ptr, t, offs, p - update * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
 
 
@@ -226,7 +230,7 @@ def _adagrad_kernel(
         table_ptr,
         t,
         offs,
-        p - g / (tl.sqrt(s) + tl.load(c + 2)) * tl.load(c),
+        p - tl.div_rn(g, tl.sqrt_rn(s) + tl.load(c + 2)) * tl.load(c),
         mask,
         seed,
         NCOL,
@@ -267,8 +271,10 @@ def _adam_kernel(
         vmax_ptr = _ptr(table_ptr, t, 4, NCOL, DTYPE)
         v = tl.maximum(_load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         store_rounded(vmax_ptr, offs, v, mask)
-    denom = tl.sqrt(v) / tl.load(c + 1) + tl.load(c + 5)
-    _store_param(p_ptr, table_ptr, t, offs, p - m / denom * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(c + 1)) + tl.load(c + 5)
+    _store_param(
+        p_ptr, table_ptr, t, offs, p - tl.div_rn(m, denom) * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
