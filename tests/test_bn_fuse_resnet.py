@@ -4,6 +4,7 @@ the unfused model's in train and eval mode; state_dict keys unchanged; tensors s
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,14 +102,42 @@ def test_fusion_keeps_the_training_mode() -> None:
 def test_blocks_with_other_norms_or_subclasses_are_left_alone() -> None:
     block = tv.BasicBlock(8, 8)
     block.bn2 = nn.SyncBatchNorm(8)  # fusing would drop the cross-device synchronisation
-    assert fuse_resnet(block) is block and type(block.bn1) is nn.BatchNorm2d
+    with pytest.warns(UserWarning, match="nothing to fuse in BasicBlock"):
+        assert fuse_resnet(block) is block and type(block.bn1) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match=r"1 ResNet block\(s\) left alone.*BasicBlock"):
+        fuse_resnet(block, strict=True)
 
     class MyBlock(tv.BasicBlock):  # may have changed forward
         pass
 
     container = nn.Sequential(MyBlock(8, 8))
-    fuse_resnet(container)
+    with pytest.warns(UserWarning, match="nothing to fuse in Sequential"):
+        fuse_resnet(container)
     assert type(container[0]) is MyBlock
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "vgg11_bn", "densenet121"])
+def test_a_model_with_nothing_to_fuse_warns_or_raises_when_strict(name: str) -> None:
+    model = getattr(torchvision.models, name)()
+    keys = list(model.state_dict())
+    with pytest.warns(UserWarning, match=f"nothing to fuse in {type(model).__name__}.*unchanged"):
+        assert fuse_resnet(model) is model
+    assert list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="nothing to fuse"):
+        fuse_resnet(model, strict=True)
+
+
+def test_strict_names_the_blocks_left_alone_and_changes_nothing() -> None:
+    model = tv.resnet18()
+    model.layer2[1].bn1 = nn.SyncBatchNorm(128)
+    with pytest.raises(ValueError, match=r"left alone.*: layer2\.1$"):
+        fuse_resnet(model, strict=True)
+    assert not any(isinstance(m, BatchNormAddReLU) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything else fused: no warning; fusing again: none either
+        fuse_resnet(model)
+        fuse_resnet(model)
+    assert type(model.layer2[1]) is tv.BasicBlock and type(model.layer2[0]) is FusedBasicBlock
 
 
 def test_a_single_block_is_returned_fused() -> None:
