@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,31 @@ from torch import Tensor
 if __package__ in (None, ""):  # run as a file: make the repository (benchmarks, resfast) importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common
+from benchmarks.common.chart import Chart
+from benchmarks.common.cli import (
+    DTYPE_SHORT,
+    add_paths_option,
+    base_parser,
+    choice_list,
+    default_paths,
+    finish_args,
+    result_name,
+)
+from benchmarks.common.context import Context, compile_stats, compiled, optional_attr, resfast_builders
+from benchmarks.common.correctness import eps, failures, l2_rel_err
+from benchmarks.common.env import start
+from benchmarks.common.paths import Skip, Trial, release, run_paths
+from benchmarks.common.results import EXIT_INTERRUPTED, Report, StopOnInterrupt
+from benchmarks.common.table import (
+    Summary,
+    col,
+    ms_column,
+    ms_pct_cell,
+    pct_copy_column,
+    speedup_column,
+    status_column,
+)
+from benchmarks.common.timing import Budget, elementwise_bytes
 
 MOMENTUM, EPS = 0.1, 1e-5
 
@@ -66,7 +90,7 @@ def bn_bytes(numel: int, dtype: torch.dtype, residual: bool, backward: bool) -> 
     reads, writes = 1 + residual, 1
     if backward:
         reads, writes = reads + 1, writes + 1 + residual
-    return common.elementwise_bytes(numel, dtype.itemsize, reads, writes)
+    return elementwise_bytes(numel, dtype.itemsize, reads, writes)
 
 
 def eager(x: Tensor, r: Tensor | None, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -86,7 +110,7 @@ def floor(dtype: torch.dtype) -> float:
     """Error a correct path may have, on any output, even where eager happens to be almost exact:
     with bf16/fp16 inputs a rounding of an intermediate to the input dtype (torch.compile's BN
     backward does so: ~4e-3 on dweight), in fp32 the reassociation of reductions over ~10^6 elements."""
-    return max(common.eps(dtype), 1e-5)
+    return max(eps(dtype), 1e-5)
 
 
 @dataclass
@@ -163,7 +187,7 @@ class Case:
         return {
             "shape": self.shape_name,
             "layout": self.layout,
-            "dtype": common.DTYPE_SHORT[self.dtype],
+            "dtype": DTYPE_SHORT[self.dtype],
             "residual": "add" if self.residual else "none",
             "mode": "fwd+bwd" if self.backward else "fwd",
             "numel": self.inputs.x.numel(),
@@ -175,7 +199,7 @@ class Case:
 
 def errors(got: Mapping[str, Tensor], truth: Mapping[str, Tensor]) -> dict[str, float]:
     # Relative L2, not max: a few elements may sit on the other side of ReLU's kink after rounding.
-    return {k: common.l2_rel_err(got[k], truth[k]) if k in got else float("inf") for k in truth}
+    return {k: l2_rel_err(got[k], truth[k]) if k in got else float("inf") for k in truth}
 
 
 def make_cases(
@@ -218,19 +242,19 @@ def make_cases(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _eager(ctx: common.Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
+def _eager(ctx: Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
     return eager, lambda: ""
 
 
-def _compiled(ctx: common.Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
+def _compiled(ctx: Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
     ctx.require_compile()
-    return common.compiled(eager), common.compile_stats
+    return compiled(eager), compile_stats
 
 
-def _resfast(ctx: common.Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
-    fused, why = common.optional_attr("resfast.nn.functional", "batch_norm_add_relu")
+def _resfast(ctx: Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
+    fused, why = optional_attr("resfast.nn.functional", "batch_norm_add_relu")
     if fused is None:
-        raise common.Skip(f"resfast.nn not available: {why}")
+        raise Skip(f"resfast.nn not available: {why}")
     # A backend without BN kernels (the native ones, for now) passes here and says so when called.
     ctx.require_backend(backend, dtype)
 
@@ -241,30 +265,30 @@ def _resfast(ctx: common.Context, dtype: torch.dtype, backend: str) -> tuple[Op,
 
 
 # (context, dtype) -> (the op, what to say about it once run)
-Builder = Callable[[common.Context, torch.dtype], tuple[Op, Callable[[], str]]]
+Builder = Callable[[Context, torch.dtype], tuple[Op, Callable[[], str]]]
 BUILDERS: dict[str, Builder] = {
     "torch-eager": _eager,
     "torch-compile": _compiled,
-    **common.resfast_builders(_resfast),
+    **resfast_builders(_resfast),
 }
 TORCH_PATHS = ("torch-eager", "torch-compile")
 
 
-def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
+def trial(case: Case, build: Builder, ctx: Context) -> Trial:
     op, describe = build(ctx, case.dtype)
     inp = case.inputs
 
     def check() -> str | None:
-        return common.failures(errors(run_once(op, inp, case.backward), case.truth), case.bounds)
+        return failures(errors(run_once(op, inp, case.backward), case.truth), case.bounds)
 
     # The timed call: the same inputs every time, the running stats on copies.
     x, w, b = (t.detach().requires_grad_(case.backward) for t in (inp.x, inp.weight, inp.bias))
     r = None if inp.residual is None else inp.residual.detach().requires_grad_(case.backward)
     rm, rv = inp.running_mean.clone(), inp.running_var.clone()
     if not case.backward:
-        return common.Trial(step=lambda: op(x, r, rm, rv, w, b), check=check, describe=describe)
+        return Trial(step=lambda: op(x, r, rm, rv, w, b), check=check, describe=describe)
     leaves = [t for t in (x, r, w, b) if t is not None]
-    return common.Trial(
+    return Trial(
         step=lambda: op(x, r, rm, rv, w, b).backward(inp.dy),
         check=check,
         grad_to_none=leaves,
@@ -273,10 +297,10 @@ def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
 
 
 def run_case(
-    case: Case, builders: Mapping[str, Builder], ctx: common.Context, budget: common.Budget, copy_gbps: float
-) -> list[dict]:
+    case: Case, builders: Mapping[str, Builder], ctx: Context, budget: Budget, copy_gbps: float
+) -> Iterator[dict]:
     trials = {name: functools.partial(trial, case, build, ctx) for name, build in builders.items()}
-    return common.run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
+    return run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,52 +309,55 @@ def run_case(
 
 CASE_COLUMNS = ("shape", "layout", "dtype", "residual", "mode", "numel")
 TABLE = [
-    common.col("shape"),
-    common.col("layout"),
-    common.col("dtype"),
-    common.col("residual"),
-    common.col("mode"),
-    common.col("path"),
-    common.status_column(),
-    common.ms_column(),
-    common.col("gbps", "GB/s", ".1f"),
-    common.col("pct_copy", "% copy", ".0f"),
-    common.col("speedup", "x best torch", ".2f"),
+    col("shape"),
+    col("layout"),
+    col("dtype"),
+    col("residual"),
+    col("mode"),
+    col("path"),
+    status_column(),
+    ms_column(),
+    col("gbps", "GB/s", ".1f"),
+    pct_copy_column(),
+    speedup_column(),
+    col("reliable"),
 ]
-SUMMARY = common.Summary(("shape", "layout", "dtype", "residual", "mode"), common.ms_pct_cell)
-CHART = common.Chart(
+SUMMARY = Summary(("shape", "layout", "dtype", "residual", "mode"), ms_pct_cell)
+CHART = Chart(
     ("layout", "dtype"), ("shape", "residual", "mode"), "pct_copy", "% of copy bandwidth (higher is better)"
 )
+# What run_all.py --report prints for each CSV stem: its full table and its summary.
+OUTPUTS = {"bn": (TABLE, SUMMARY)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = common.base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument(
         "--shape",
-        type=common.choice_list(tuple(SHAPES), "shape"),
+        type=choice_list(tuple(SHAPES), "shape"),
         default=None,
         help=f"comma-separated NxCxHxW: {', '.join(SHAPES)} (default depends on device)",
     )
     p.add_argument(
         "--layout",
-        type=common.choice_list(tuple(LAYOUTS), "layout"),
+        type=choice_list(tuple(LAYOUTS), "layout"),
         default=list(LAYOUTS),
         help=f"comma-separated: {', '.join(LAYOUTS)} (default: both)",
     )
     p.add_argument(
         "--residual",
-        type=common.choice_list(RESIDUALS, "residual"),
+        type=choice_list(RESIDUALS, "residual"),
         default=None,
         help="add: relu(bn(x) + r); none: relu(bn(x)) (default: both; add only on the CPU)",
     )
     p.add_argument(
         "--mode",
-        type=common.choice_list(MODES, "mode"),
+        type=choice_list(MODES, "mode"),
         default=list(MODES),
         help="fwd and/or fwd+bwd (default: both)",
     )
-    common.add_paths_option(p, tuple(BUILDERS))
-    args = common.finish_args(p.parse_args(argv))
+    add_paths_option(p, tuple(BUILDERS))
+    args = finish_args(p.parse_args(argv))
     if args.shape is None:
         args.shape = DEFAULT_SHAPES["smoke" if args.smoke else args.device.type]
     if args.residual is None:
@@ -340,28 +367,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = common.Context.from_args(args)
-    fused, why = common.optional_attr("resfast.nn.functional", "batch_norm_add_relu")
+    ctx = Context.from_args(args)
+    fused, why = optional_attr("resfast.nn.functional", "batch_norm_add_relu")
     notes = [] if fused else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
-    env, copy_gbps = common.start(args.device, args.smoke, notes)
-    budget = common.Budget().smoke() if args.smoke else common.Budget()
-    report = common.Report(common.result_name("bn", args), env, copy_gbps, args.out, CASE_COLUMNS)
-    builders = {
-        name: BUILDERS[name] for name in args.paths or common.default_paths(tuple(BUILDERS), args.device)
-    }
-    for shape_name in args.shape:
-        for layout in args.layout:
-            for dtype in args.dtypes:
-                for residual in args.residual:
-                    for case in make_cases(
-                        shape_name, layout, dtype, residual == "add", args.mode, args.device
-                    ):
-                        report.add(run_case(case, builders, ctx, budget, copy_gbps), TORCH_PATHS)
-                    common.release(args.device)
+    env = start(args.device, args.smoke, notes)
+    budget = Budget().smoke() if args.smoke else Budget()
+    report = Report(result_name("bn", args), env, args.out, CASE_COLUMNS)
+    builders = {name: BUILDERS[name] for name in args.paths or default_paths(tuple(BUILDERS), args.device)}
+    with StopOnInterrupt() as stop:
+        for shape_name in args.shape:
+            for layout in args.layout:
+                for dtype in args.dtypes:
+                    for residual in args.residual:
+                        for case in make_cases(
+                            shape_name, layout, dtype, residual == "add", args.mode, args.device
+                        ):
+                            report.add(run_case(case, builders, ctx, budget, env.copy_gbps), TORCH_PATHS)
+                        release(args.device)
     shapes = [f"{name}: {SHAPES[name][1]}" for name in args.shape]
     check = "check: every output within 2x eager's own error (relative L2 vs a float64 reference) + a floor"
     report.finish(TABLE, SUMMARY, CHART, [*notes, *shapes, check])
-    return 0
+    return EXIT_INTERRUPTED if stop.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,33 @@ if __package__ in (None, ""):  # run as a file: make the repository (benchmarks,
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import resfast.optim
-from benchmarks import common
+from benchmarks.common.chart import Chart
+from benchmarks.common.cli import (
+    DTYPE_SHORT,
+    add_paths_option,
+    base_parser,
+    choice_list,
+    default_paths,
+    finish_args,
+    result_name,
+)
+from benchmarks.common.context import Context, compile_stats, compiled, optional_attr, resfast_builders
+from benchmarks.common.correctness import eps, failures, max_abs_err
+from benchmarks.common.env import start
+from benchmarks.common.paths import Skip, Trial, release, run_paths
+from benchmarks.common.results import EXIT_INTERRUPTED, Report, StopOnInterrupt
+from benchmarks.common.rows import num
+from benchmarks.common.table import (
+    Summary,
+    col,
+    ms_column,
+    ms_pct_cell,
+    note_column,
+    pct_copy_column,
+    speedup_column,
+    status_column,
+)
+from benchmarks.common.timing import Budget, elementwise_bytes
 from resfast import backends
 
 Shape = tuple[int, ...]
@@ -68,7 +94,7 @@ def step_bytes(spec: OptimSpec, numel: int, dtype: torch.dtype) -> int:
     """Minimal bytes of one step over `numel` elements: param, grad and states read, param and
     states written; grads and states have the param's dtype, as in torch."""
     n = len(spec.states)
-    return common.elementwise_bytes(numel, dtype.itemsize, reads=2 + n, writes=1 + n)
+    return elementwise_bytes(numel, dtype.itemsize, reads=2 + n, writes=1 + n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,7 +115,7 @@ def _torchvision(arch: str) -> ParamSet:
     try:
         import torchvision
     except ImportError as e:
-        raise common.Skip(f"torchvision cannot be imported ({e}): {arch} shapes unavailable") from None
+        raise Skip(f"torchvision cannot be imported ({e}): {arch} shapes unavailable") from None
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = getattr(torchvision.models, arch)()
     return ParamSet([tuple(p.shape) for p in model.parameters()], f"torchvision {arch}")
@@ -109,7 +135,7 @@ def resnet20_shapes() -> list[Shape]:
 
 
 def _cifar_resnet20() -> ParamSet:
-    build, why = common.optional_attr("resfast.nn.cifar", "resnet20")
+    build, why = optional_attr("resfast.nn.cifar", "resnet20")
     if build is None:
         return ParamSet(resnet20_shapes(), f"local ResNet-20 shape list (resfast.nn.cifar: {why})")
     with torch.device("meta"):
@@ -155,7 +181,7 @@ FP32_TOL = 1e-4
 
 
 def tolerance(dtype: torch.dtype) -> float:
-    return max(ULPS * common.eps(dtype), FP32_TOL)
+    return max(ULPS * eps(dtype), FP32_TOL)
 
 
 def magnitude(want: Tensor, initial: Tensor | None) -> float:
@@ -182,7 +208,7 @@ class Case:
         return {
             "optimizer": self.spec.label,
             "params": self.params_name,
-            "dtype": common.DTYPE_SHORT[self.dtype],
+            "dtype": DTYPE_SHORT[self.dtype],
             "n_tensors": len(self.params),
             "numel": sum(p.numel() for p in self.params),
             "source": self.pset.source,
@@ -238,9 +264,9 @@ def compare(
     errors, bounds = {}, {}
     for k in want:
         scale = magnitude(want[k], initial.get(k)) or 1.0
-        errors[k] = common.max_abs_err(got[k], want[k]) / scale
+        errors[k] = max_abs_err(got[k], want[k]) / scale
         bounds[k] = 0.0 if k.endswith(".step") else tolerance(dtype)
-    return common.failures(errors, bounds)
+    return failures(errors, bounds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,25 +281,23 @@ class Built:
     describe: Callable[[], str] = lambda: ""
 
 
-def _torch(spec: OptimSpec, params: list[Tensor], ctx: common.Context, **flags: Any) -> Built:
+def _torch(spec: OptimSpec, params: list[Tensor], ctx: Context, **flags: Any) -> Built:
     opt = getattr(torch.optim, spec.cls)(params, **{**spec.kwargs, **flags})
     return Built(opt, opt.step)
 
 
-def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: common.Context) -> Built:
+def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
     # Whether torch has a fused kernel for this optimizer, device and dtype: try one on a probe.
     probe = torch.ones(3, device=params[0].device, dtype=params[0].dtype)
     probe.grad = torch.ones_like(probe)
     try:
         getattr(torch.optim, spec.cls)([probe], fused=True, **spec.kwargs).step()
     except (TypeError, RuntimeError, ValueError) as e:
-        raise common.Skip(
-            f"torch has no fused {spec.cls} for {params[0].dtype} on {ctx.device.type}: {e}"
-        ) from None
+        raise Skip(f"torch has no fused {spec.cls} for {params[0].dtype} on {ctx.device.type}: {e}") from None
     return _torch(spec, params, ctx, fused=True)
 
 
-def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: common.Context) -> Built:
+def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
     ctx.require_compile()
     # torch's default implementation choice (foreach on CUDA), compiled as torch's tutorial does.
     opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs)
@@ -281,27 +305,27 @@ def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: common.Context) 
     def step() -> None:
         opt.step()
 
-    return Built(opt, common.compiled(step), common.compile_stats)
+    return Built(opt, compiled(step), compile_stats)
 
 
-def _resfast(spec: OptimSpec, params: list[Tensor], ctx: common.Context, backend: str) -> Built:
+def _resfast(spec: OptimSpec, params: list[Tensor], ctx: Context, backend: str) -> Built:
     ctx.require_backend(backend, params[0].dtype)
     opt = getattr(resfast.optim, spec.cls)(params, backend=backend, **spec.kwargs)
     return Built(opt, opt.step)
 
 
-Builder = Callable[[OptimSpec, list[Tensor], common.Context], Built]
+Builder = Callable[[OptimSpec, list[Tensor], Context], Built]
 BUILDERS: dict[str, Builder] = {
     "torch-forloop": functools.partial(_torch, foreach=False),
     "torch-foreach": functools.partial(_torch, foreach=True),
     "torch-fused": _torch_fused,
     "torch-compile": _torch_compiled,
-    **common.resfast_builders(_resfast),
+    **resfast_builders(_resfast),
 }
 TORCH_PATHS = ("torch-forloop", "torch-foreach", "torch-fused", "torch-compile")
 
 
-def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
+def trial(case: Case, build: Builder, ctx: Context) -> Trial:
     params = case.fresh()
     built = build(case.spec, params, ctx)
 
@@ -311,14 +335,76 @@ def trial(case: Case, build: Builder, ctx: common.Context) -> common.Trial:
         initial = {f"p{i}": p for i, p in enumerate(case.params)}
         return compare(snapshot(built.opt, params), case.reference, initial, case.dtype)
 
-    return common.Trial(step=built.step, check=check, describe=built.describe)
+    return Trial(step=built.step, check=check, describe=built.describe)
 
 
 def run_case(
-    case: Case, builders: Mapping[str, Builder], ctx: common.Context, budget: common.Budget, copy_gbps: float
-) -> list[dict]:
+    case: Case, builders: Mapping[str, Builder], ctx: Context, budget: Budget, copy_gbps: float
+) -> Iterator[dict]:
     trials = {name: functools.partial(trial, case, build, ctx) for name, build in builders.items()}
-    return common.run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
+    return run_paths(case.columns(), trials, ctx.device, budget, case.nbytes(), copy_gbps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host time per step
+# ----------------------------------------------------------------------------------------------------
+
+# ResNet-50's parameter count, in tensors of one element each: the step moves almost no bytes, so
+# its time is the host's (Python, dispatch, launches), which a fused kernel cannot hide on small
+# models or a fast GPU.
+RESNET50_TENSORS = 161
+HOST_PARAMS = {
+    "host": ParamSet(
+        [(1,)] * RESNET50_TENSORS, f"{RESNET50_TENSORS} one-element tensors (ResNet-50's count)"
+    ),
+    "smoke": ParamSet([(1,)] * 5, "5 one-element tensors (smoke)"),
+}
+HOST_PATHS = ("torch-foreach", "torch-fused", *(name for name in BUILDERS if name.startswith("resfast-")))
+HOST_BASELINES = ("torch-foreach", "torch-fused")
+# torch has no fused RMSprop; its fused Adagrad moves the same three lists (param, grad, one state).
+FUSED_STAND_IN = {"rmsprop": "adagrad"}
+# Each sample is 20 steps back to back (then a device sync): a sample of a ~0.3 ms step lasts ~6 ms.
+HOST_BUDGET = Budget(warmup_calls=3, cpu_seconds=0.3, cpu_min_reps=5, cpu_max_reps=50, host_calls=20)
+
+
+def host_trials(
+    opt_name: str, builders: Mapping[str, Builder], ctx: Context, case_of: Callable[[str], Case]
+) -> dict[str, Callable[[], Trial]]:
+    """The host-time paths of one optimizer, each checked against the reference before it is timed.
+    Where torch has no fused step, its `torch-fused` row is the stand-in's (checked as that one)."""
+    trials = {}
+    for name, build in builders.items():
+        if name not in HOST_PATHS:
+            continue
+        stand_in = FUSED_STAND_IN.get(opt_name) if name == "torch-fused" else None
+        if stand_in is None:
+            trials[name] = functools.partial(trial, case_of(opt_name), build, ctx)
+        else:
+            note = f"{OPTIMIZERS[stand_in].cls}'s: torch has no fused {OPTIMIZERS[opt_name].cls}"
+            trials[name] = functools.partial(_noted, note, trial, case_of(stand_in), build, ctx)
+    return trials
+
+
+def _noted(note: str, make: Callable[..., Trial], *args: Any) -> Trial:
+    return replace(make(*args), describe=lambda: note)
+
+
+def run_host(report: Report, opt_names: Sequence[str], builders: Mapping[str, Builder], ctx: Context) -> None:
+    """Host time per step of every selected optimizer's paths on HOST_PARAMS (fp32), into `report`."""
+    pset = HOST_PARAMS["smoke" if ctx.smoke else "host"]
+    budget = HOST_BUDGET.smoke() if ctx.smoke else HOST_BUDGET
+    cases: dict[str, Case] = {}
+
+    def case_of(name: str) -> Case:
+        if name not in cases:
+            cases[name] = make_case(OPTIMIZERS[name], "host", pset, torch.float32, ctx.device)
+        return cases[name]
+
+    for opt_name in opt_names:
+        trials = host_trials(opt_name, builders, ctx, case_of)
+        report.add(
+            run_paths(case_of(opt_name).columns(), trials, ctx.device, budget, None, 0.0), HOST_BASELINES
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,47 +413,63 @@ def run_case(
 
 CASE_COLUMNS = ("optimizer", "params", "dtype", "n_tensors", "numel", "source")
 TABLE = [
-    common.col("optimizer"),
-    common.col("params"),
-    common.col("dtype"),
-    common.col("path"),
-    common.status_column(),
-    common.ms_column(),
-    common.col("gbps", "GB/s", ".1f"),
-    common.col("pct_copy", "% copy", ".0f"),
-    common.col("speedup", "x best torch", ".2f"),
+    col("optimizer"),
+    col("params"),
+    col("dtype"),
+    col("path"),
+    status_column(),
+    ms_column(),
+    col("gbps", "GB/s", ".1f"),
+    pct_copy_column(),
+    speedup_column(),
+    col("reliable"),
 ]
-SUMMARY = common.Summary(("optimizer", "params", "dtype"), common.ms_pct_cell)
-CHART = common.Chart(
-    ("params", "dtype"), ("optimizer",), "pct_copy", "% of copy bandwidth (higher is better)"
-)
+SUMMARY = Summary(("optimizer", "params", "dtype"), ms_pct_cell)
+CHART = Chart(("params", "dtype"), ("optimizer",), "pct_copy", "% of copy bandwidth (higher is better)")
+HOST_TABLE = [
+    col("optimizer"),
+    col("path"),
+    status_column(),
+    ms_column("µs"),
+    speedup_column(),
+    col("best_torch", "over"),
+    col("reliable"),
+    note_column(),
+]
+HOST_SUMMARY = Summary(("optimizer",), lambda row: f"{num(row, 'ms') * 1e3:.0f} µs")
+# What run_all.py --report prints for each CSV stem: its full table and its summary.
+OUTPUTS = {"optim": (TABLE, SUMMARY), "optim_host": (HOST_TABLE, HOST_SUMMARY)}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = common.base_parser(__doc__.split("\n\n")[0])
+    p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument(
         "--optimizer",
-        type=common.choice_list(tuple(OPTIMIZERS), "optimizer"),
+        type=choice_list(tuple(OPTIMIZERS), "optimizer"),
         default=list(OPTIMIZERS),
         help=f"comma-separated: {', '.join(OPTIMIZERS)} (default: all)",
     )
     p.add_argument(
         "--params",
-        type=common.choice_list(tuple(PARAM_SETS), "parameter list"),
+        type=choice_list(tuple(PARAM_SETS), "parameter list"),
         default=None,
         help=f"comma-separated: {', '.join(PARAM_SETS)} (default depends on device)",
     )
-    common.add_paths_option(p, tuple(BUILDERS))
-    args = common.finish_args(p.parse_args(argv))
+    add_paths_option(p, tuple(BUILDERS))
+    p.add_argument(
+        "--no-host",
+        dest="host",
+        action="store_false",
+        help=f"skip the host-time table (a step over {RESNET50_TENSORS} one-element tensors; ~15 s on a CPU)",
+    )
+    args = finish_args(p.parse_args(argv))
     if args.params is None:
         args.params = DEFAULT_PARAMS["smoke" if args.smoke else args.device.type]
     return args
 
 
-def _header_lines(
-    ctx: common.Context, sets: Mapping[str, ParamSet], dtypes: Sequence[torch.dtype]
-) -> list[str]:
-    auto = ", ".join(f"{common.DTYPE_SHORT[d]}: {backends.choose(ctx.device, d, 'auto')}" for d in dtypes)
+def _header_lines(ctx: Context, sets: Mapping[str, ParamSet], dtypes: Sequence[torch.dtype]) -> list[str]:
+    auto = ", ".join(f"{DTYPE_SHORT[d]}: {backends.choose(ctx.device, d, 'auto')}" for d in dtypes)
     lines = [f"resfast backend='auto' here -> {auto}"]
     for name, s in sets.items():
         lines.append(
@@ -387,28 +489,42 @@ def _numel(shape: Shape) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = common.Context.from_args(args)
-    budget = common.Budget().smoke() if args.smoke else common.Budget()
-    env, copy_gbps = common.start(args.device, args.smoke)
-    report = common.Report(common.result_name("optim", args), env, copy_gbps, args.out, CASE_COLUMNS)
-    builders = {
-        name: BUILDERS[name] for name in args.paths or common.default_paths(tuple(BUILDERS), args.device)
-    }
+    ctx = Context.from_args(args)
+    budget = Budget().smoke() if args.smoke else Budget()
+    env = start(args.device, args.smoke)
+    report = Report(result_name("optim", args), env, args.out, CASE_COLUMNS)
+    builders = {name: BUILDERS[name] for name in args.paths or default_paths(tuple(BUILDERS), args.device)}
     sets: dict[str, ParamSet] = {}
-    for params_name in args.params:
-        try:
-            sets[params_name] = PARAM_SETS[params_name]()
-        except common.Skip as e:
-            print(f"skipping params {params_name}: {e}")
-            continue
-        for dtype in args.dtypes:
-            for opt_name in args.optimizer:
-                case = make_case(OPTIMIZERS[opt_name], params_name, sets[params_name], dtype, args.device)
-                report.add(run_case(case, builders, ctx, budget, copy_gbps), TORCH_PATHS)
-                del case
-                common.release(args.device)
+    with StopOnInterrupt() as stop:
+        for params_name in args.params:
+            try:
+                sets[params_name] = PARAM_SETS[params_name]()
+            except Skip as e:
+                print(f"skipping params {params_name}: {e}")
+                continue
+            for dtype in args.dtypes:
+                for opt_name in args.optimizer:
+                    case = make_case(OPTIMIZERS[opt_name], params_name, sets[params_name], dtype, args.device)
+                    report.add(run_case(case, builders, ctx, budget, env.copy_gbps), TORCH_PATHS)
+                    del case
+                    release(args.device)
     report.finish(TABLE, SUMMARY, CHART, _header_lines(ctx, sets, args.dtypes))
-    return 0
+    if not args.host or stop.interrupted:
+        return EXIT_INTERRUPTED if stop.interrupted else 0
+    host = Report(result_name("optim_host", args), env, args.out, CASE_COLUMNS)
+    with StopOnInterrupt() as stop:
+        run_host(host, args.optimizer, builders, ctx)
+    host.finish(HOST_TABLE, HOST_SUMMARY, None, _host_lines(ctx))
+    return EXIT_INTERRUPTED if stop.interrupted else 0
+
+
+def _host_lines(ctx: Context) -> list[str]:
+    pset = HOST_PARAMS["smoke" if ctx.smoke else "host"]
+    return [
+        f"host time per step: {pset.source}, fp32; each sample {HOST_BUDGET.host_calls} steps back to "
+        "back then a device sync, no cache flush; every path checked against the reference first",
+        "torch-fused of RMSprop: torch's fused Adagrad (torch has no fused RMSprop; the same three lists)",
+    ]
 
 
 if __name__ == "__main__":

@@ -36,7 +36,16 @@ if __package__ in (None, ""):  # run as a file: make the repository (benchmarks,
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import resfast.optim
-from benchmarks import common
+from benchmarks.common.chart import Chart
+from benchmarks.common.cli import DTYPE_SHORT, base_parser, choice_list, finish_args, result_name
+from benchmarks.common.context import Context, compile_stats, compiled, optional_attr
+from benchmarks.common.correctness import eps, failures, l2_rel_err
+from benchmarks.common.env import start
+from benchmarks.common.paths import Skip, Trial, release, run_paths
+from benchmarks.common.results import EXIT_INTERRUPTED, Report, StopOnInterrupt
+from benchmarks.common.rows import num
+from benchmarks.common.table import Summary, col, ms_column, note_column, speedup_column, status_column
+from benchmarks.common.timing import Budget
 from resfast.kernels import reference_optim
 
 
@@ -83,7 +92,7 @@ def new_model(spec: ModelSpec) -> nn.Module:
     try:
         import torchvision
     except ImportError as e:
-        raise common.Skip(f"torchvision cannot be imported ({e})") from None
+        raise Skip(f"torchvision cannot be imported ({e})") from None
     return getattr(torchvision.models, spec.arch)(num_classes=spec.classes)
 
 
@@ -94,9 +103,9 @@ def build_model(
     model.load_state_dict(weights)
     model = model.to(device, memory_format=torch.channels_last).train()
     if fuse:
-        fuse_resnet, why = common.optional_attr("resfast.nn", "fuse_resnet")
+        fuse_resnet, why = optional_attr("resfast.nn", "fuse_resnet")
         if fuse_resnet is None:
-            raise common.Skip(f"resfast.nn not available: {why}")
+            raise Skip(f"resfast.nn not available: {why}")
         model = fuse_resnet(model)
     return model
 
@@ -110,7 +119,7 @@ def new_optimizer(kind: str, model: nn.Module, foreach_reference: bool = False) 
     try:
         return torch.optim.SGD(params, **SGD_ARGS, fused=True)
     except RuntimeError as e:
-        raise common.Skip(f"torch has no fused SGD here: {e}") from None
+        raise Skip(f"torch has no fused SGD here: {e}") from None
 
 
 def make_step(
@@ -182,16 +191,16 @@ def errors(got: Measured, truth: Measured) -> dict[str, float]:
     expected = spec_update(got)
     update = _flat(got["after"], names) - _flat(got["before"], names)
     return {
-        "logits": common.l2_rel_err(got["logits"], truth["logits"]),
-        "grads": common.l2_rel_err(_flat(got["grads"], names), _flat(truth["grads"], names)),
-        "update": common.l2_rel_err(update, _flat(expected, names) - _flat(got["before"], names)),
+        "logits": l2_rel_err(got["logits"], truth["logits"]),
+        "grads": l2_rel_err(_flat(got["grads"], names), _flat(truth["grads"], names)),
+        "update": l2_rel_err(update, _flat(expected, names) - _flat(got["before"], names)),
     }
 
 
 def floor(dtype: torch.dtype) -> float:
     """What a correct path may differ by where the torch path happens to be near-exact: a rounding of
     the autocast dtype, or in fp32 reassociation (and TF32 convolutions) through tens of layers."""
-    return common.eps(dtype) if dtype != torch.float32 else 1e-3
+    return eps(dtype) if dtype != torch.float32 else 1e-3
 
 
 # The update is a difference of fp32 params: its rounding is ~ulp(p) / |update|, measured ~2e-7 here;
@@ -230,7 +239,7 @@ class Case:
             "model": self.model_name,
             "image": self.spec.image,
             "batch": self.batch,
-            "dtype": common.DTYPE_SHORT[self.dtype],
+            "dtype": DTYPE_SHORT[self.dtype],
         }
 
 
@@ -267,32 +276,31 @@ def make_case(name: str, batch: int, dtype: torch.dtype, device: torch.device) -
 # ----------------------------------------------------------------------------------------------------
 
 
-def trial(case: Case, path: PathSpec, ctx: common.Context) -> common.Trial:
+def trial(case: Case, path: PathSpec, ctx: Context) -> Trial:
     if path.compile:
         ctx.require_compile()
     model = build_model(case.spec, case.weights, ctx.device, path.fuse)
     opt = new_optimizer(path.optimizer, model)
-    run: Callable[[Tensor], Tensor] = common.compiled(model) if path.compile else model
+    run: Callable[[Tensor], Tensor] = compiled(model) if path.compile else model
     step = make_step(run, opt, case.x, case.y, autocast_dtype(case.dtype))
 
     def check() -> str | None:
         names, want = {n for n, _ in model.named_parameters()}, set(case.truth["grads"])
         if names != want:
             return f"parameter names differ from the unfused model's: {sorted(names ^ want)[:3]}"
-        return common.failures(errors(measure(model, step), case.truth), case.bounds)
+        return failures(errors(measure(model, step), case.truth), case.bounds)
 
-    return common.Trial(step=step, check=check, describe=common.compile_stats if path.compile else lambda: "")
+    return Trial(step=step, check=check, describe=compile_stats if path.compile else lambda: "")
 
 
 def run_case(
-    case: Case, paths: Mapping[str, PathSpec], ctx: common.Context, budget: common.Budget, copy_gbps: float
-) -> list[dict]:
+    case: Case, paths: Mapping[str, PathSpec], ctx: Context, budget: Budget, copy_gbps: float
+) -> Iterator[dict]:
     trials = {name: functools.partial(trial, case, path, ctx) for name, path in paths.items()}
-    rows = common.run_paths(case.columns(), trials, ctx.device, budget, None, copy_gbps)
-    for row in rows:
+    for row in run_paths(case.columns(), trials, ctx.device, budget, None, copy_gbps):
         if "ms" in row:
             row["img_s"] = case.batch * 1e3 / row["ms"]
-    return rows
+        yield row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,37 +309,36 @@ def run_case(
 
 CASE_COLUMNS = ("model", "image", "batch", "dtype")
 TABLE = [
-    common.col("model"),
-    common.col("image"),
-    common.col("batch"),
-    common.col("dtype"),
-    common.col("path"),
-    common.status_column(),
-    common.ms_column(),
-    common.col("img_s", "img/s", ".0f"),
-    common.col("speedup", "x best torch", ".2f"),
-    common.col("peak_mib", "peak MiB", ".0f"),
-    common.note_column(),
+    col("model"),
+    col("image"),
+    col("batch"),
+    col("dtype"),
+    col("path"),
+    status_column(),
+    ms_column(),
+    col("img_s", "img/s", ".0f"),
+    speedup_column(),
+    col("peak_mib", "peak MiB", ".0f"),
+    col("reliable"),
+    note_column(),
 ]
-SUMMARY = common.Summary(
-    ("model", "image", "batch", "dtype"), lambda row: f"{common.num(row, 'img_s'):.0f} img/s"
-)
-CHART = common.Chart(("dtype",), ("model", "batch"), "img_s", "images per second (higher is better)")
+SUMMARY = Summary(("model", "image", "batch", "dtype"), lambda row: f"{num(row, 'img_s'):.0f} img/s")
+CHART = Chart(("dtype",), ("model", "batch"), "img_s", "images per second (higher is better)")
+# What run_all.py --report prints for each CSV stem: its full table and its summary.
+OUTPUTS = {"train": (TABLE, SUMMARY)}
 # A step takes tens (GPU) to hundreds (CPU) of ms: time for longer than the kernel benchmarks do. On
 # CUDA, warm-up also covers cudnn.benchmark's algorithm search.
 BUDGET = {
-    "cuda": common.Budget(warmup_calls=3, rep_ms=1500.0),
-    "cpu": common.Budget(warmup_calls=1, cpu_seconds=2.0, cpu_min_reps=3, cpu_max_reps=20),
+    "cuda": Budget(warmup_calls=3, rep_ms=1500.0),
+    "cpu": Budget(warmup_calls=1, cpu_seconds=2.0, cpu_min_reps=3, cpu_max_reps=20),
 }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = common.base_parser(
-        __doc__.split("\n\n")[0], default_dtypes="bfloat16", dtypes=("bfloat16", "float32")
-    )
+    p = base_parser(__doc__.split("\n\n")[0], default_dtypes="bfloat16", dtypes=("bfloat16", "float32"))
     p.add_argument(
         "--model",
-        type=common.choice_list(tuple(MODELS), "model"),
+        type=choice_list(tuple(MODELS), "model"),
         default=None,
         help=f"comma-separated: {', '.join(MODELS)} (default: both; resnet18 with --smoke)",
     )
@@ -340,11 +347,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--paths",
-        type=common.choice_list(tuple(PATHS), "path"),
+        type=choice_list(tuple(PATHS), "path"),
         default=list(PATHS),
         help=f"comma-separated subset of: {', '.join(PATHS)}",
     )
-    args = common.finish_args(p.parse_args(argv))
+    args = finish_args(p.parse_args(argv))
     if args.model is None:
         args.model = DEFAULT_MODELS["smoke" if args.smoke else args.device.type]
     return args
@@ -358,27 +365,26 @@ def batch_size(args: argparse.Namespace, spec: ModelSpec) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    ctx = common.Context.from_args(args)
+    ctx = Context.from_args(args)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training scripts do; the same for every path
-    fuse, why = common.optional_attr("resfast.nn", "fuse_resnet")
+    fuse, why = optional_attr("resfast.nn", "fuse_resnet")
     notes = [] if fuse else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
-    env, copy_gbps = common.start(args.device, args.smoke, notes)
+    env = start(args.device, args.smoke, notes)
     budget = BUDGET[args.device.type].smoke() if args.smoke else BUDGET[args.device.type]
-    report = common.Report(
-        common.result_name("train", args), env, copy_gbps, args.out, CASE_COLUMNS, metrics=("img_s",)
-    )
+    report = Report(result_name("train", args), env, args.out, CASE_COLUMNS, metrics=("img_s",))
     paths = {name: PATHS[name] for name in args.paths}
-    for name in args.model:
-        for dtype in args.dtypes:
-            try:
-                case = make_case(name, batch_size(args, MODELS[name]), dtype, args.device)
-            except common.Skip as e:
-                print(f"skipping {name}: {e}")
-                continue
-            report.add(run_case(case, paths, ctx, budget, copy_gbps), TORCH_PATHS)
-            del case
-            common.release(args.device)
+    with StopOnInterrupt() as stop:
+        for name in args.model:
+            for dtype in args.dtypes:
+                try:
+                    case = make_case(name, batch_size(args, MODELS[name]), dtype, args.device)
+                except Skip as e:
+                    print(f"skipping {name}: {e}")
+                    continue
+                report.add(run_case(case, paths, ctx, budget, env.copy_gbps), TORCH_PATHS)
+                del case
+                release(args.device)
     sgd = ", ".join(f"{k}={v}" for k, v in SGD_ARGS.items())
     report.finish(
         TABLE,
@@ -390,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(fp32: none); cudnn.benchmark on CUDA",
         ],
     )
-    return 0
+    return EXIT_INTERRUPTED if stop.interrupted else 0
 
 
 if __name__ == "__main__":

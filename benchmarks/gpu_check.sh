@@ -6,7 +6,8 @@
 # Everything lands under $OUT (default gpu-out), written as it goes so that a run cut short keeps
 # what it did, and within what a lent GPU machine hands back (8 files, 2 folders deep):
 #   $OUT/gpu_check.log                        all output
-#   $OUT/results/<gpu>/{optim,bn,train}.csv   rows, written case by case
+#   $OUT/results/<gpu>/{optim,bn,train}.csv   rows, written path by path
+#   $OUT/results/<gpu>/optim_host.csv         host time per optimizer step
 #   $OUT/results/<gpu>/{optim,bn,train}.png   charts
 #
 # Settings:

@@ -25,7 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository (benchmarks, resfast) importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import common
+from benchmarks.common.cli import choice_list, device_arg, finish_args
+from benchmarks.common.env import device_slug, header_text
+from benchmarks.common.results import EXIT_INTERRUPTED, StopOnInterrupt, read_csv
+from benchmarks.common.table import Column, Summary, format_table, summary_table
 
 BENCHES = ("optim", "bn", "train")
 HERE = Path(__file__).resolve().parent
@@ -35,13 +38,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--bench",
-        type=common.choice_list(BENCHES, "benchmark"),
+        type=choice_list(BENCHES, "benchmark"),
         default=list(BENCHES),
         help=f"comma-separated: {', '.join(BENCHES)} (default: all)",
     )
     p.add_argument(
         "--device",
-        type=common.device_arg,
+        type=device_arg,
         default=None,
         help="cpu, cuda or cuda:N (default: cuda if present)",
     )
@@ -94,22 +97,23 @@ def report(folder: Path, benches: Sequence[str] = BENCHES, full: bool = False) -
     found = 0
     for where in folders:
         for name in benches:
-            for path in result_files(where, name):
-                found += print_tables(name, path, full)
+            module = importlib.import_module(f"benchmarks.bench_{name}")
+            for stem, (table, summary) in module.OUTPUTS.items():
+                for path in result_files(where, stem):
+                    found += print_tables(stem, path, table, summary, full)
     return found
 
 
-def print_tables(name: str, path: Path, full: bool) -> bool:
-    rows = common.read_csv(path)
-    print(f"\n## {name} ({path})\n")
+def print_tables(stem: str, path: Path, table: Sequence[Column], summary: Summary, full: bool) -> bool:
+    rows = read_csv(path)
+    print(f"\n## {stem} ({path})\n")
     if not rows:
         print("no rows")
         return False
-    module = importlib.import_module(f"benchmarks.bench_{name}")
-    print(common.header_text(rows[0], rows[0]["copy_gbps"]) + "\n")
+    print(header_text(rows[0]) + "\n")
     if full:
-        print(common.format_table(rows, module.TABLE) + "\n")
-    print(common.summary_table(rows, module.SUMMARY))
+        print(format_table(rows, table) + "\n")
+    print(summary_table(rows, summary))
     return True
 
 
@@ -117,18 +121,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report is not None:
         return 0 if report(args.report, args.bench, args.full) else 1
-    args = common.finish_args(args)
+    args = finish_args(args)
     results = []
     for name in args.bench:
         cmd = bench_command(name, args)
         print(f"\n=== bench_{name}: {' '.join(cmd)}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.run(cmd, check=False).returncode
+        with StopOnInterrupt() as stop:
+            bench = subprocess.Popen(cmd)
+            bench.wait()
+        # Ctrl-C and `timeout` signal the whole process group: the bench was interrupted too and is
+        # printing the tables of what it finished; wait for it (only a bench that was not signalled
+        # runs to its end).
+        rc = bench.wait()
         results.append((name, rc, time.perf_counter() - start))
-    report(args.out / common.device_slug(args.device), args.bench, args.full)
+        if stop.interrupted:
+            break
+    report(args.out / device_slug(args.device), args.bench, args.full)
     print()
     for name, rc, seconds in results:
         print(f"bench_{name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {seconds:.0f} s")
+    if stop.interrupted:
+        return EXIT_INTERRUPTED
     return 0 if all(rc == 0 for _, rc, _ in results) else 1
 
 

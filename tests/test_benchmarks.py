@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_bn, bench_optim, bench_train, common, run_all
+from benchmarks import bench_bn, bench_optim, bench_train, run_all
+from benchmarks.common import cli, context, correctness, paths, reliability, results, table, timing
+from benchmarks.common.env import Env, device_slug
+from benchmarks.common.rows import add_speedups
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 CPU = torch.device("cpu")
@@ -32,7 +36,7 @@ def _run(script: str, *args: str, interpret: bool = False) -> subprocess.Complet
 
 
 def _rows(out: Path, name: str) -> list[dict[str, str]]:
-    return common.read_csv(out / common.device_slug(CPU) / f"{name}.csv")
+    return results.read_csv(out / device_slug(CPU) / f"{name}.csv")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,7 +85,22 @@ def test_bench_optim_smoke(tmp_path):
         assert all(r["status"] == "ok" and float(r["gbps"]) > 0 for r in rows if r["path"] == path), path
     # torch.compile is skipped on the CPU, and the row says why.
     assert all(r["status"] == "SKIP" and "compile" in r["note"] for r in rows if r["path"] == "torch-compile")
-    assert (tmp_path / common.device_slug(CPU) / "optim.png").stat().st_size > 1000
+    assert (tmp_path / device_slug(CPU) / "optim.png").stat().st_size > 1000
+    # The host-time table: torch's foreach and fused steps and resfast's backends for every
+    # optimizer, each checked and timed; RMSprop's fused row is torch's fused Adagrad and says so.
+    host = _rows(tmp_path, "optim_host")
+    assert {r["optimizer"] for r in host} == {s.label for s in bench_optim.OPTIMIZERS.values()}
+    assert {r["path"] for r in host} == set(bench_optim.HOST_PATHS) - {"resfast-cuda"}
+    assert all(r["n_tensors"] == r["numel"] == "5" and r["dtype"] == "fp32" for r in host)
+    for r in host:
+        assert r["status"] == "ok" or (r["path"] == "resfast-cpu" and r["status"] == "SKIP"), r
+        assert r["status"] != "ok" or (float(r["ms"]) > 0 and r["reliable"] and r["load"]), r
+    rmsprop_fused = next(r for r in host if (r["optimizer"], r["path"]) == ("RMSprop", "torch-fused"))
+    assert "Adagrad" in rmsprop_fused["note"]
+    assert "| optimizer | torch-foreach | torch-fused | resfast-triton |" in result.stdout
+    assert result.stdout.rindex("best resfast vs best torch") > result.stdout.rindex("µs (p20-p80)")
+    # run_all --report prints both tables of the run.
+    assert run_all.report(tmp_path, ["optim"]) == 2
 
 
 def test_bench_bn_smoke(tmp_path):
@@ -127,9 +146,9 @@ def test_run_all_runs_a_bench_then_prints_its_tables(tmp_path):
     ]
     result = _run("run_all.py", *args)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = common.read_csv(tmp_path / common.device_slug(CPU) / "bn-t1.csv")
+    rows = results.read_csv(tmp_path / device_slug(CPU) / "bn-t1.csv")
     assert {r["layout"] for r in rows} == {"nchw"}
-    assert sorted(p.name for p in (tmp_path / common.device_slug(CPU)).iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / device_slug(CPU)).iterdir()) == [
         "bn-t1.csv",
         "bn-t1.png",
     ]
@@ -181,19 +200,19 @@ def test_cuda_without_a_gpu_says_so(capsys):
 
 
 def test_choices_are_case_insensitive_deduplicated_and_all():
-    assert common.parse_choices("Adam,adam,SGD", ("sgd", "adam"), "x") == ["adam", "sgd"]
-    assert common.parse_choices("all", ("a", "b"), "x") == ["a", "b"]
-    assert common.parse_choices("bf16,fp32", tuple(common.DTYPES), "dtype", common.DTYPE_ALIASES) == [
+    assert cli.parse_choices("Adam,adam,SGD", ("sgd", "adam"), "x") == ["adam", "sgd"]
+    assert cli.parse_choices("all", ("a", "b"), "x") == ["a", "b"]
+    assert cli.parse_choices("bf16,fp32", tuple(cli.DTYPES), "dtype", cli.DTYPE_ALIASES) == [
         "bfloat16",
         "float32",
     ]
     with pytest.raises(ValueError, match="choose from: a, b"):
-        common.parse_choices("", ("a", "b"), "x")
+        cli.parse_choices("", ("a", "b"), "x")
 
 
 def test_smoke_results_never_default_to_the_committed_folder():
-    assert bench_optim.parse_args(["--smoke", "--device", "cpu"]).out != common.RESULTS
-    assert bench_optim.parse_args(["--device", "cpu"]).out == common.RESULTS
+    assert bench_optim.parse_args(["--smoke", "--device", "cpu"]).out != cli.RESULTS
+    assert bench_optim.parse_args(["--device", "cpu"]).out == cli.RESULTS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,9 +251,9 @@ def test_bn_bytes(residual, backward, passes):
 
 
 def test_bandwidth_units():
-    assert common.gbps(2_000_000_000, 1000.0) == pytest.approx(2.0)  # 2e9 bytes in one second
-    assert common.gbps(3_000_000, 1.0) == pytest.approx(3.0)
-    assert common.elementwise_bytes(10, 4, reads=3, writes=2) == 200
+    assert timing.gbps(2_000_000_000, 1000.0) == pytest.approx(2.0)  # 2e9 bytes in one second
+    assert timing.gbps(3_000_000, 1.0) == pytest.approx(3.0)
+    assert timing.elementwise_bytes(10, 4, reads=3, writes=2) == 200
 
 
 def test_parameter_lists():
@@ -247,7 +266,7 @@ def test_parameter_lists():
     assert r18.shapes == [tuple(p.shape) for p in tv.models.resnet18().parameters()]
     local = bench_optim.resnet20_shapes()
     assert (len(local), sum(math.prod(s) for s in local)) == (59, 269_722)  # He et al.: 0.27M
-    cifar, _ = common.optional_attr("resfast.nn.cifar", "resnet20")
+    cifar, _ = context.optional_attr("resfast.nn.cifar", "resnet20")
     if cifar is not None:
         assert local == [tuple(p.shape) for p in cifar().parameters()]
 
@@ -267,26 +286,40 @@ def test_cpu_timing_is_a_median_with_its_spread_and_resets_grads():
         calls.append(1)
         time.sleep(0.002)
 
-    budget = common.Budget(warmup_calls=2, cpu_seconds=0.0, cpu_min_reps=7, cpu_flush_bytes=1 << 20)
-    t = common.bench(fn, CPU, budget, grad_to_none=[x])
+    budget = timing.Budget(warmup_calls=2, cpu_seconds=0.0, cpu_min_reps=7, cpu_flush_bytes=1 << 20)
+    t = timing.bench(fn, CPU, budget, grad_to_none=[x])
     assert len(calls) == 2 + 7
     assert 2.0 <= t.p20 <= t.ms <= t.p80 < 200
 
 
+def test_host_timing_times_batches_of_calls():
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.001)
+
+    budget = timing.Budget(warmup_calls=1, cpu_seconds=0.0, cpu_min_reps=4, host_calls=3)
+    t = timing.bench(fn, CPU, budget)
+    assert len(calls) == 1 + 4 * 3
+    assert 1.0 <= t.p20 <= t.ms <= t.p80 < 100  # per call, not per batch of 3
+
+
 def test_copy_bandwidth_is_positive_and_counts_read_plus_write():
-    assert common.copy_bandwidth(CPU, smoke=True) > 0
+    gbps, spread = timing.copy_bandwidth(CPU, smoke=True)
+    assert gbps > 0 and spread >= 0
 
 
 def test_errors_never_pass_nan_or_a_shape_mismatch():
     a = torch.ones(4)
-    assert common.max_rel_err(a, a) == common.l2_rel_err(a, a) == 0.0
-    assert common.max_rel_err(a * 1.01, a) == pytest.approx(0.01, rel=1e-3)
+    assert correctness.max_rel_err(a, a) == correctness.l2_rel_err(a, a) == 0.0
+    assert correctness.max_rel_err(a * 1.01, a) == pytest.approx(0.01, rel=1e-3)
     nan = a.clone()
     nan[1] = float("nan")
-    for err in (common.max_rel_err, common.l2_rel_err):
+    for err in (correctness.max_rel_err, correctness.l2_rel_err):
         assert err(nan, a) == math.inf and err(a, nan) == math.inf and err(a[:3], a) == math.inf
-    assert common.failures({"y": math.inf}, {"y": 1.0}) is not None
-    assert common.failures({"y": 0.5}, {"y": 1.0}) is None
+    assert correctness.failures({"y": math.inf}, {"y": 1.0}) is not None
+    assert correctness.failures({"y": 0.5}, {"y": 1.0}) is None
 
 
 def test_speedups_are_over_the_fastest_correct_pytorch_path():
@@ -297,11 +330,120 @@ def test_speedups_are_over_the_fastest_correct_pytorch_path():
         {"path": "resfast-x", "status": "ok", "ms": 0.5},
         {"path": "resfast-y", "status": "WRONG"},
     ]
-    common.add_speedups(rows, {"torch-a", "torch-b", "torch-c"})
+    add_speedups(rows, {"torch-a", "torch-b", "torch-c"})
     assert [r.get("speedup") for r in rows] == [1.0, 2.0 / 3.0, None, 4.0, None]
     assert rows[3]["best_torch"] == "torch-a"
-    table = common.summary_table(rows, common.Summary(("path",), common.ms_pct_cell))
-    assert "WRONG" in table and "4.00x (resfast-x vs torch-a)" in table
+    text = table.summary_table(rows, table.Summary(("path",), table.ms_pct_cell))
+    assert "WRONG" in text and "4.00x (resfast-x vs torch-a)" in text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reliability: which figures are shown (synthetic timings)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _timed(path: str, ms: float, p20: float, p80: float, load: float = 0.5) -> dict:
+    return {"path": path, "status": "ok", "ms": ms, "ms_p20": p20, "ms_p80": p80, "load": load}
+
+
+def _marked(rows: list[dict], ncores: int = 2) -> list[dict]:
+    add_speedups(rows, {"torch-a", "torch-b"})
+    reliability.mark(rows, ncores)
+    return rows
+
+
+def test_a_quiet_narrow_row_is_reliable_and_a_wide_or_loaded_one_is_not():
+    limit = reliability.SPREAD_LIMIT
+    quiet, wide, loaded, failed = _marked(
+        [
+            _timed("torch-a", 1.0, 1.0 - limit / 2, 1.0 + limit / 2),  # exactly at the limit
+            _timed("torch-b", 4.27, 2.45, 92.2),  # seen on a busy 2-core machine
+            _timed("resfast-x", 1.0, 0.99, 1.01, load=2.5),
+            {"path": "resfast-y", "status": "WRONG"},
+        ]
+    )
+    assert quiet["reliable"] == "yes"
+    assert wide["reliable"] == "no: spread 2102% > 30%"
+    assert loaded["reliable"] == "no: load 2.5 > 2 cores"
+    assert _marked([_timed("resfast-x", 1.0, 0.99, 1.01, load=2.5)], ncores=4)[0]["reliable"] == "yes"
+    assert "reliable" not in failed  # never timed: nothing to judge
+
+
+def test_a_speedup_over_a_wide_baseline_is_unreliable():
+    baseline, fast = _marked([_timed("torch-a", 4.27, 2.45, 92.2), _timed("resfast-x", 0.136, 0.13, 0.14)])
+    assert fast["speedup"] == pytest.approx(31.4, rel=1e-2)
+    assert fast["reliable"] == "no: baseline torch-a spread 2102% > 30%"
+    summary = table.summary_table([baseline, fast], table.Summary(("path",), table.ms_pct_cell))
+    assert "31.4" not in summary and "unreliable (resfast-x: baseline torch-a spread" in summary
+    assert "2 of 2 timed rows unreliable" in summary
+    cells = table.format_table([fast], [table.speedup_column(), table.ms_column()])
+    assert "| ? | 0.136 (0.13-0.14) |" in cells  # the measurement stays, the speed-up does not
+
+
+def test_reliable_rows_show_speedup_and_pct_copy_unless_the_copy_was_noisy():
+    rows = _marked([_timed("torch-a", 2.0, 1.9, 2.1), _timed("resfast-x", 0.5, 0.49, 0.51)])
+    for r in rows:
+        r["pct_copy"], r["copy_spread"] = 50.0, 0.1
+    summary = table.summary_table(rows, table.Summary(("path",), table.ms_pct_cell))
+    assert "4.00x (resfast-x vs torch-a)" in summary and "0.5 ms (50%)" in summary
+    assert "unreliable" not in summary and "not shown" not in summary
+    for r in rows:
+        r["copy_spread"] = 0.6  # 11-21 GB/s within one run
+    summary = table.summary_table(rows, table.Summary(("path",), table.ms_pct_cell))
+    assert "4.00x (resfast-x vs torch-a)" in summary and "(50%)" not in summary
+    assert "% copy not shown" in summary
+    assert table.format_table(rows[1:], [table.pct_copy_column()]).endswith("| ? |")
+
+
+def test_rows_from_older_csvs_without_a_verdict_are_shown_as_before():
+    row = {"path": "resfast-x", "status": "ok", "ms": "0.5", "speedup": "2", "best_torch": "torch-a"}
+    assert reliability.trusted(row) and reliability.copy_trusted(row)
+
+
+def test_every_path_is_written_to_the_csv_as_it_finishes(tmp_path, monkeypatch):
+    monkeypatch.setattr(reliability, "current_load", lambda: 0.5)  # read as each path finishes
+    env = Env(CPU, "cpu", "cpu-x", "t", "tr", "c", "d", "0.1", copy_gbps=10.0, copy_spread=0.0)
+    report = results.Report("x", env, tmp_path, ("case",))
+    csv_path = tmp_path / "cpu-x" / "x.csv"
+    seen = []
+
+    def case_rows():
+        for i, path in enumerate(("torch-a", "resfast-x", "resfast-y")):
+            seen.append([r["path"] for r in results.read_csv(csv_path)])  # before path i is produced
+            yield {"case": "c", **_timed(path, 1.0 + i, 0.9 + i, 1.1 + i)}
+
+    report.add(case_rows(), {"torch-a"})
+    assert seen == [[], ["torch-a"], ["torch-a", "resfast-x"]]
+    written = results.read_csv(csv_path)
+    assert [r["speedup"] for r in written] == ["1", "0.5", "0.333333"]
+    assert all((r["reliable"], r["load"], r["copy_gbps"]) == ("yes", "0.5", "10") for r in written)
+    assert not list(tmp_path.glob("*/*.partial"))
+
+
+def test_a_killed_bench_prints_what_it_finished_and_keeps_its_rows(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_optim.py"),
+        "--smoke",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+    ]
+    bench = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in bench.stdout:  # wait until a path has finished
+        lines.append(line)
+        if " ok " in line:
+            break
+    bench.send_signal(signal.SIGTERM)
+    out = "".join(lines) + bench.stdout.read()
+    assert bench.wait(timeout=120) == results.EXIT_INTERRUPTED
+    assert "interrupted" in out and out.rindex("best resfast vs best torch") > out.rindex("interrupted")
+    rows = _rows(tmp_path, "optim")
+    assert rows and len(rows) == sum(" ok " in line or " SKIP " in line for line in out.splitlines())
+    assert not (tmp_path / device_slug(CPU) / "optim_host.csv").exists()  # stopped before it
 
 
 def test_evaluate_outcomes():
@@ -309,13 +451,11 @@ def test_evaluate_outcomes():
         def build():
             if raises:
                 raise raises
-            return common.Trial(
-                step=lambda: pytest.fail("a wrong path was timed"), check=lambda: check_result
-            )
+            return paths.Trial(step=lambda: pytest.fail("a wrong path was timed"), check=lambda: check_result)
 
-        return common.evaluate(build, CPU, common.Budget().smoke())
+        return paths.evaluate(build, CPU, timing.Budget().smoke())
 
-    assert trial(raises=common.Skip("not here")).status == "SKIP"
+    assert trial(raises=paths.Skip("not here")).status == "SKIP"
     assert trial(raises=NotImplementedError("no kernel")).status == "SKIP"
     errored = trial(raises=RuntimeError("boom"))
     assert errored.status == "ERROR" and "boom" in errored.note
@@ -334,9 +474,9 @@ def _timed_paths(monkeypatch) -> list:
 
     def fake_bench(fn, device, budget, grad_to_none=()):
         timed.append(fn)
-        return common.Timing(1.0, 0.9, 1.1)
+        return timing.Timing(1.0, 0.9, 1.1)
 
-    monkeypatch.setattr(common, "bench", fake_bench)
+    monkeypatch.setattr(timing, "bench", fake_bench)
     return timed
 
 
@@ -349,7 +489,7 @@ def test_optim_wrong_paths_are_reported_and_not_timed(dtype, monkeypatch):
     timed = _timed_paths(monkeypatch)
     adam = bench_optim.OPTIMIZERS["adam"]
     case = bench_optim.make_case(adam, "tiny", bench_optim.PARAM_SETS["tiny"](), dtype, CPU)
-    ctx = common.Context(CPU, smoke=True, compile_skip="off")
+    ctx = context.Context(CPU, smoke=True, compile_skip="off")
 
     def lr_off(spec, params, ctx):  # a plausible kernel bug: the learning rate 20% off
         return bench_optim._torch(spec, params, ctx, foreach=False, lr=spec.kwargs["lr"] * 1.2)
@@ -362,7 +502,7 @@ def test_optim_wrong_paths_are_reported_and_not_timed(dtype, monkeypatch):
         "lr-off": lr_off,
         "sgd": no_second_moment,
     }
-    rows = bench_optim.run_case(case, builders, ctx, common.Budget().smoke(), copy_gbps=1.0)
+    rows = list(bench_optim.run_case(case, builders, ctx, timing.Budget().smoke(), copy_gbps=1.0))
     assert _status(rows, "torch-forloop")["status"] == "ok"
     for name in ("lr-off", "sgd"):
         row = _status(rows, name)
@@ -372,7 +512,7 @@ def test_optim_wrong_paths_are_reported_and_not_timed(dtype, monkeypatch):
 
 def test_bn_wrong_paths_are_reported_and_not_timed(monkeypatch):
     timed = _timed_paths(monkeypatch)
-    ctx = common.Context(CPU, smoke=True, compile_skip="off")
+    ctx = context.Context(CPU, smoke=True, compile_skip="off")
 
     def no_residual(ctx, dtype):
         return (lambda x, r, rm, rv, w, b: bench_bn.eager(x, None, rm, rv, w, b)), lambda: ""
@@ -387,7 +527,7 @@ def test_bn_wrong_paths_are_reported_and_not_timed(monkeypatch):
         "eval": eval_stats,
     }
     for case in bench_bn.make_cases("3x5x7x5", "channels_last", torch.bfloat16, True, bench_bn.MODES, CPU):
-        rows = bench_bn.run_case(case, builders, ctx, common.Budget().smoke(), copy_gbps=1.0)
+        rows = list(bench_bn.run_case(case, builders, ctx, timing.Budget().smoke(), copy_gbps=1.0))
         assert _status(rows, "torch-eager")["status"] == "ok"
         assert _status(rows, "no-residual")["status"] == "WRONG"
         assert _status(rows, "eval")["status"] == "WRONG"
@@ -410,10 +550,10 @@ def test_train_wrong_paths_are_reported_and_not_timed(monkeypatch):
 
     monkeypatch.setattr(bench_train, "new_optimizer", optimizer)
     monkeypatch.setattr(bench_train, "build_model", model)
-    paths = {"torch": bench_train.PATHS["torch"], "bad-sgd": bench_train.PATHS["resfast-sgd"]}
-    paths["bad-model"] = bench_train.PathSpec(fuse=True, optimizer="torch", compile=False)
-    ctx = common.Context(CPU, smoke=True, compile_skip="off")
-    rows = bench_train.run_case(case, paths, ctx, common.Budget().smoke(), copy_gbps=1.0)
+    specs = {"torch": bench_train.PATHS["torch"], "bad-sgd": bench_train.PATHS["resfast-sgd"]}
+    specs["bad-model"] = bench_train.PathSpec(fuse=True, optimizer="torch", compile=False)
+    ctx = context.Context(CPU, smoke=True, compile_skip="off")
+    rows = list(bench_train.run_case(case, specs, ctx, timing.Budget().smoke(), copy_gbps=1.0))
     assert _status(rows, "torch")["status"] == "ok"
     assert _status(rows, "bad-sgd")["status"] == "WRONG" and "update" in _status(rows, "bad-sgd")["note"]
     assert _status(rows, "bad-model")["status"] == "WRONG" and "logits" in _status(rows, "bad-model")["note"]
