@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from typing import Any
 
@@ -69,11 +68,9 @@ def make_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module
 
 def _choose(device: torch.device, requested: str, setting: str, **kwargs: Any) -> str:
     """``backends.choose`` with its refusal as a SettingError that names the setting behind it."""
-    if requested == "auto" and "RESFAST_BACKEND" in os.environ:  # auto then means the variable's choice
-        setting += f" auto (RESFAST_BACKEND={os.environ['RESFAST_BACKEND']})"
     try:
         return backends.choose(device, torch.float32, requested, **kwargs)
-    except (backends.BackendUnavailable, ValueError) as e:  # ValueError: an unknown name
+    except (backends.BackendUnavailable, ValueError) as e:  # ValueError: an unknown name (RESFAST_BACKEND)
         raise SettingError(f"{setting}: {e}") from None
 
 

@@ -65,10 +65,10 @@ BATCH_GROWTH = 8
 # the default digits run (docs/train.md); adaptive methods take far smaller steps than SGD.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
     "sgd": {"lr": 0.2, "momentum": 0.9},
-    "rmsprop": {"lr": 0.01, "momentum": 0.9},
-    "adagrad": {"lr": 0.05},
-    "adam": {"lr": 0.003},
-    "adamw": {"lr": 0.003},
+    "rmsprop": {"lr": 0.003, "momentum": 0.9},
+    "adagrad": {"lr": 0.1},
+    "adam": {"lr": 0.01},
+    "adamw": {"lr": 0.01},
 }
 WARMUP_EPOCHS = 2.0  # the default warmup, except for onecycle, which rises from its own low start
 
