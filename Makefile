@@ -19,7 +19,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cpp csrc/*/*.cu)
 	$(PIP) install --quiet $(TORCH_PIN) ninja setuptools wheel
-	RESFAST_REQUIRE_EXT=1 $(PIP) install --no-build-isolation -e ".[dev,train]"
+	RESFAST_REQUIRE_EXT=1 RESFAST_FAIL_ON_SPILLS=1 $(PIP) install --no-build-isolation -e ".[dev,train]"
 	touch $(STAMP)
 
 venv: $(STAMP)

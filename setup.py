@@ -4,6 +4,8 @@
   (install with ``--no-build-isolation`` so the build sees the installed torch).
 - The CUDA kernels are added when torch is a CUDA build and nvcc is found (``CUDA_HOME``), for the
   archs in ``TORCH_CUDA_ARCH_LIST``.
+- ``RESFAST_FAIL_ON_SPILLS=1`` (set by ``make test``) makes a register spill in a CUDA kernel a build
+  error, with ptxas's register and spill report in the build log.
 - ``RESFAST_BUILD_EXT=0`` skips the extension; without a compiler, or if its build fails, the install
   still succeeds as pure Python + Triton (``resfast.backends.info()`` says what is missing), unless
   ``RESFAST_REQUIRE_EXT=1`` (as in ``make test``) asks for a failure instead.
@@ -51,10 +53,20 @@ def _extension_kwargs() -> dict:
         return _skip("no C++ compiler found (set CXX)")
 
     # The baseline files first: header functions the per-ISA files share with them link from these.
-    sources = ["csrc/ops.cpp", "csrc/cpu/optim.cpp", "csrc/cpu/optim_avx2.cpp", "csrc/cpu/optim_avx512.cpp"]
+    sources = [
+        "csrc/ops.cpp",
+        "csrc/cpu/optim.cpp",
+        "csrc/cpu/cuda_kernel_on_host.cpp",
+        "csrc/cpu/optim_avx2.cpp",
+        "csrc/cpu/optim_avx512.cpp",
+    ]
     # No -std flag: torch's build helper passes the standard the installed torch needs (C++17 or 20).
     # -fno-math-errno: nothing reads errno, and it lets the compiler vectorise sqrt in the baseline build.
     compile_args = {"cxx": ["-O3", "-fno-math-errno", *_openmp_flags(torch)], "nvcc": ["-O3", "-lineinfo"]}
+    if os.environ.get("RESFAST_FAIL_ON_SPILLS") == "1":
+        # CI (`make test`): ptxas reports every kernel's registers and spills (-v), and a spill fails
+        # the build instead of slowing the kernel down unnoticed.
+        compile_args["nvcc"] += ["-Xptxas=-v,--warn-on-spills,--warning-as-error"]
     link_args = _openmp_flags(torch)
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME and os.path.exists(nvcc):

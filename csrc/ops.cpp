@@ -11,20 +11,7 @@
 #include "optim_ops.h"
 
 TORCH_LIBRARY(resfast, m) {
-  m.def(
-      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "
-      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool nesterov, bool maximize) -> ()");
-  m.def(
-      "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "
-      "Tensor(e!)[] momentum_buffers, Tensor coef, Tensor? grad_scale, Tensor? found_inf, bool has_wd, "
-      "bool maximize) -> ()");
-  m.def(
-      "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor coef, Tensor? grad_scale, "
-      "Tensor? found_inf, bool has_wd, bool maximize) -> ()");
-  m.def(
-      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
-      "Tensor(e!)[] max_exp_avg_sqs, Tensor coef, Tensor? grad_scale, Tensor? found_inf, int wd_mode, "
-      "bool maximize) -> ()");
+  RESFAST_DEFINE_OPTIM_SCHEMAS(m);
   // Every step counter += 1, except on a step GradScaler skips (found_inf != 0). CPU only: there torch's
   // foreach add costs ~1.3 us per tensor; on CUDA it is one launch already.
   m.def("count_steps_(Tensor(a!)[] steps, Tensor? found_inf) -> ()");
@@ -39,6 +26,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per row (a param, then its grad and states): can the fused kernels update it as flat spans?");
   m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
         "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
+  // The coefficient columns each op reads (tests check them against resfast/kernels/optim_coef.py).
+  m.attr("COEF_COLUMNS") = pybind11::dict(
+      pybind11::arg("sgd_") = resfast::SgdMath::kColumns, pybind11::arg("rmsprop_") = resfast::RmspropMath::kColumns,
+      pybind11::arg("adagrad_") = resfast::AdagradMath::kColumns, pybind11::arg("adam_") = resfast::AdamMath::kColumns);
 #ifdef RESFAST_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

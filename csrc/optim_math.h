@@ -5,7 +5,7 @@
 // grad, states... (the same order as the op's tensor lists), with the grad already unscaled (divided by
 // the GradScaler's scale) and negated when maximizing. The update rewrites r[0] (param) and r[2...]
 // (states); the driver stores those back rounded to the storage dtype. `c` is the tensor's row of
-// coefficients, columns as documented in resfast/kernels/optim_coef.py; every branch depends on a
+// coefficients, kColumns of them, as documented in resfast/kernels/optim_coef.py; every branch depends on a
 // coefficient or an option, never on an element, so one code path serves scalars and vectors.
 // The maths is that of resfast/kernels/reference_optim.py, the specification. N, the number of
 // tensors, is a template parameter: optional states exist only when N says so (if constexpr), which
@@ -35,6 +35,7 @@ C10_HOST_DEVICE inline T lerp(const T& start, const T& end, float weight) {
 }
 
 struct SgdMath {
+  static constexpr int kColumns = 5;
   bool has_wd, nesterov;
   // r: param, grad[, momentum_buffer];  c: lr, weight_decay, momentum, 1 - dampening, fresh
   template <int N, typename T>
@@ -52,6 +53,7 @@ struct SgdMath {
 };
 
 struct RmspropMath {
+  static constexpr int kColumns = 6;
   bool has_wd, centered, has_momentum;
   // r: param, grad, square_avg[, grad_avg][, momentum_buffer]
   // c: lr, alpha, 1 - alpha, eps, weight_decay, momentum
@@ -84,6 +86,7 @@ struct RmspropMath {
 };
 
 struct AdagradMath {
+  static constexpr int kColumns = 3;
   bool has_wd;
   // r: param, grad, sum;  c: clr, weight_decay, eps
   template <int N, typename T>
@@ -97,6 +100,7 @@ struct AdagradMath {
 };
 
 struct AdamMath {
+  static constexpr int kColumns = 7;
   int wd_mode;  // 0 none, 1 added to the grad (Adam), 2 decoupled (AdamW)
   // r: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq (amsgrad)]
   // c: step_size, sqrt(bias_correction2), 1 - beta1, beta2, 1 - beta2, eps, weight decay term

@@ -43,7 +43,7 @@ inline std::vector<bool> layouts_fit(const std::vector<std::vector<at::Tensor>>&
 }
 
 // The ops are public (torch.ops.resfast.*): validate what the kernels assume, with clear errors.
-// `columns`: the op's coefficient count (resfast/kernels/optim_coef.py).
+// `columns`: the op's coefficient count (its Math::kColumns; resfast/kernels/optim_coef.py).
 inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tensor& coef, int64_t columns) {
   const at::TensorList params = lists[0];
   TORCH_CHECK(coef.scalar_type() == at::kFloat && coef.dim() == 2 && coef.is_contiguous() &&
@@ -76,7 +76,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool nesterov, bool maximize) {
   std::vector<at::TensorList> lists{params, grads};
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
-  check_lists(lists, coef, 5);
+  check_lists(lists, coef, SgdMath::kColumns);
   const SgdMath math{has_wd, nesterov};
   if (!momentum_buffers.empty()) {
     Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
@@ -92,7 +92,7 @@ void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square
   std::vector<at::TensorList> lists{params, grads, square_avgs};
   if (!grad_avgs.empty()) lists.push_back(grad_avgs);
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
-  check_lists(lists, coef, 6);
+  check_lists(lists, coef, RmspropMath::kColumns);
   const RmspropMath math{has_wd, !grad_avgs.empty(), !momentum_buffers.empty()};
   switch (lists.size()) {
     case 3: return Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
@@ -106,7 +106,7 @@ void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList sums, 
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
               bool maximize) {
   std::vector<at::TensorList> lists{params, grads, sums};
-  check_lists(lists, coef, 3);
+  check_lists(lists, coef, AdagradMath::kColumns);
   Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, AdagradMath{has_wd});
 }
 
@@ -116,7 +116,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            const std::optional<at::Tensor>& found_inf, int64_t wd_mode, bool maximize) {
   std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
   if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
-  check_lists(lists, coef, 7);
+  check_lists(lists, coef, AdamMath::kColumns);
   TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, "resfast: wd_mode must be 0, 1 or 2, got ", wd_mode);
   const AdamMath math{static_cast<int>(wd_mode)};
   if (!max_exp_avg_sqs.empty()) {
@@ -125,6 +125,24 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     Backend::template apply<4>(lists, coef, grad_scale, found_inf, maximize, math);
   }
 }
+
+// The four ops' schemas (used inside TORCH_LIBRARY). Every op mutates its tensor lists in place and
+// declares it ((a!) annotations).
+#define RESFAST_DEFINE_OPTIM_SCHEMAS(m)                                                                          \
+  m.def(                                                                                                         \
+      "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "               \
+      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool nesterov, bool maximize) -> ()");                 \
+  m.def(                                                                                                         \
+      "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "     \
+      "Tensor(e!)[] momentum_buffers, Tensor coef, Tensor? grad_scale, Tensor? found_inf, bool has_wd, "         \
+      "bool maximize) -> ()");                                                                                   \
+  m.def(                                                                                                         \
+      "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor coef, Tensor? grad_scale, "   \
+      "Tensor? found_inf, bool has_wd, bool maximize) -> ()");                                                   \
+  m.def(                                                                                                         \
+      "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "         \
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor coef, Tensor? grad_scale, Tensor? found_inf, int wd_mode, "          \
+      "bool maximize) -> ()")
 
 // Registers the four ops for one dispatch key (used inside TORCH_LIBRARY_IMPL).
 #define RESFAST_REGISTER_OPTIM_OPS(m, Backend)     \

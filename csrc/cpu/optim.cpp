@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../optim_ops.h"
+#include "../work_table.h"
 #include "optim_kernels_impl.h"
 
 namespace resfast {
@@ -64,21 +65,19 @@ struct CpuBackend {
     if (params.empty()) return;
     // On the CPU these reads cost nothing; a skipped step touches no tensor at all.
     if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;
-    const int64_t columns = coef.size(1);  // check_lists: the op's column count, at most kMaxCoefColumns
+    // The work table and chunk lookup of the CUDA driver (csrc/work_table.h), so that the CPU tests
+    // exercise the indexing the GPU runs.
+    const WorkTable work = build_work_table<N>(lists, kChunk);
     const float* coef_data = coef.const_data_ptr<float>();
-    std::vector<Chunk> chunks;
-    for (size_t t = 0; t < params.size(); ++t) {
-      Chunk chunk{};
-      for (int k = 0; k < N; ++k) chunk.data[k] = lists[k][t].data_ptr();
-      chunk.coef = coef_data + t * columns;
-      const int64_t n = params[t].numel();
-      for (int64_t b = 0; b < n; b += kChunk) {
-        chunk.begin = b;
-        chunk.end = std::min(b + kChunk, n);
-        chunks.push_back(chunk);
-      }
+    std::vector<Chunk> chunks(work.n_chunks);
+    for (int64_t i = 0; i < work.n_chunks; ++i) {
+      const ChunkSpan span = locate_chunk<N>(work.rows.data(), work.n_rows, i, kChunk);
+      for (int k = 0; k < N; ++k) chunks[i].data[k] = reinterpret_cast<void*>(span.row[k]);
+      chunks[i].coef = coef_data + span.row[WorkRow<N>::kTensor] * Math::kColumns;
+      chunks[i].begin = span.begin;
+      chunks[i].end = span.end;
     }
-    Job job{nullptr, 0, storage_of(params[0].scalar_type()), columns, grad_scale.has_value(), 1.f, maximize};
+    Job job{nullptr, 0, storage_of(params[0].scalar_type()), grad_scale.has_value(), 1.f, maximize};
     if (job.scaled) job.scale = grad_scale->item<float>();
     const auto kernel = kernel_for_this_cpu<N, Math>();
     at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {

@@ -13,13 +13,10 @@ namespace resfast::cpu {
 
 enum class Storage { Float, BFloat16, Half };
 
-// The widest coefficient row of the four ops (Adam's, 7 columns); see resfast/kernels/optim_coef.py.
-constexpr int64_t kMaxCoefColumns = 7;
-
 // Elements [begin, end) of one param's tensors, in the op's list order (param, grad, states...).
 struct Chunk {
   void* data[5];
-  const float* coef;  // the tensor's row of the coefficient table
+  const float* coef;  // the tensor's row of the coefficient table (Math::kColumns values)
   int64_t begin, end;
 };
 
@@ -28,7 +25,6 @@ struct Job {
   const Chunk* chunks;
   int64_t count;
   Storage storage;
-  int64_t coef_columns;  // the op's, at most kMaxCoefColumns
   bool scaled;  // divide grads by `scale` and write them back unscaled, as torch's fused steps do
   float scale;
   bool maximize;

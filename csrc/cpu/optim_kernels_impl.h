@@ -69,8 +69,8 @@ void update_chunk(const Chunk& chunk, const Job& job, const Math& math) {
   for (int k = 0; k < N; ++k) ptr[k] = static_cast<scalar_t*>(chunk.data[k]);
   // Private copies of the coefficients and options: the compiler cannot prove the table, the job or
   // the maths apart from the tensors the loop stores to, and would reload them at every vector step.
-  float c[kMaxCoefColumns] = {};
-  std::copy(chunk.coef, chunk.coef + job.coef_columns, c);
+  float c[Math::kColumns];
+  std::copy(chunk.coef, chunk.coef + Math::kColumns, c);
   const bool scaled = job.scaled, maximize = job.maximize;
   const float scale = job.scale;
   const Math m = math;

@@ -1,0 +1,70 @@
+// The CUDA optimizer kernel's body (csrc/multi_tensor_update.h) compiled for the host, as the ops
+// torch.ops.resfast_cuda_on_host.{sgd_,rmsprop_,adagrad_,adam_} on CPU tensors: a verification aid,
+// not a backend. Every block of the launch and every thread of a block runs in turn, on one core, over
+// the same work table the CUDA driver builds, so the CPU tests (tests/test_cuda_kernel_on_host.py)
+// check the table, the chunk lookup, the coefficient rows and the vector/tail split that the GPU runs.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../multi_tensor_update.h"
+#include "../optim_ops.h"
+
+namespace resfast {
+namespace {
+
+// The GPU fuses a * b + c into one fused multiply-add (nvcc's default --fmad=true), and so must this
+// host build, or results differ wherever a sum nearly cancels (weight decay against the gradient).
+// x86 compilers use FMA only when told the CPU has it: the launch is compiled for FMA and runs only
+// where the CPU has it; other CPUs (aarch64) have it in their base instruction set.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define RESFAST_HOST_FMA __attribute__((target("fma")))
+bool host_has_fma() { return __builtin_cpu_supports("fma"); }
+#else
+#define RESFAST_HOST_FMA
+bool host_has_fma() { return true; }
+#endif
+
+struct CudaKernelOnHost {
+  template <typename T, int N, typename Math>
+  RESFAST_HOST_FMA static void run_launch(const WorkTable& work, const float* coef, const float* scale,
+                                          bool maximize, const Math& math) {
+    for (int64_t block = 0; block < work.n_chunks; ++block) {
+      for (int thread = 0; thread < kCudaThreads; ++thread) {
+        update_chunk_share<T, N>(work.rows.data(), work.n_rows, block, coef, scale, maximize, math, thread,
+                                 kCudaThreads);
+      }
+    }
+  }
+
+  template <int N, typename Math>
+  static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    bool maximize, const Math& math) {
+    const at::TensorList params = lists[0];
+    TORCH_CHECK(host_has_fma(), "resfast_cuda_on_host: this CPU has no FMA instructions, which the GPU's "
+                "arithmetic needs to be reproduced");
+    if (params.empty() || (found_inf.has_value() && found_inf->item<float>() != 0.f)) return;
+    const WorkTable work = build_work_table<N>(lists, kCudaChunk);
+    const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(at::kFloat).contiguous() : at::Tensor();
+    const float* scale_ptr = grad_scale.has_value() ? scale.const_data_ptr<float>() : nullptr;
+    const float* coef_ptr = coef.const_data_ptr<float>();
+    switch (params[0].scalar_type()) {  // check_lists admits only these three
+      case at::kBFloat16: return run_launch<c10::BFloat16, N>(work, coef_ptr, scale_ptr, maximize, math);
+      case at::kHalf: return run_launch<c10::Half, N>(work, coef_ptr, scale_ptr, maximize, math);
+      default: return run_launch<float, N>(work, coef_ptr, scale_ptr, maximize, math);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace resfast
+
+TORCH_LIBRARY(resfast_cuda_on_host, m) {
+  RESFAST_DEFINE_OPTIM_SCHEMAS(m);
+}
+
+TORCH_LIBRARY_IMPL(resfast_cuda_on_host, CPU, m) {
+  RESFAST_REGISTER_OPTIM_OPS(m, resfast::CudaKernelOnHost);
+}

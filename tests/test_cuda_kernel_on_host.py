@@ -1,0 +1,164 @@
+"""The CUDA optimizer kernel's logic, checked on the CPU.
+
+csrc/multi_tensor_update.h is the body of the CUDA kernel; the extension also compiles it for the
+host as the ops torch.ops.resfast_cuda_on_host.* (every block and thread in turn). Routing the `cpu`
+backend's optimizer ops there runs resfast's optimizers through the GPU's work table, chunk lookup,
+coefficient rows and 16-byte-vector / scalar-tail split, against the reference backend. The native
+CPU driver shares the table and lookup (csrc/work_table.h), so these tests also run on it.
+
+Regression (issue found by reading csrc/cuda/optim.cu): the table skips empty tensors, and the kernel
+read its coefficient row at the table row's position instead of the tensor's index, so every tensor
+after an empty one got its neighbour's lr scale, bias corrections and SGD `fresh` flag.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import resfast.optim
+from resfast import backends
+from resfast.kernels import optim_coef
+from tests.optim_cases import CASES, DTYPES, OPTIMIZERS, case_id
+from tests.optim_helpers import SHAPES, fast_backend_bound, laid_out, make_grads, make_params, state_tensors
+
+try:
+    backends.choose(torch.device("cpu"), torch.float32, "cpu")
+    NATIVE = None
+except backends.BackendUnavailable as e:
+    NATIVE = str(e)
+pytestmark = pytest.mark.skipif(NATIVE is not None, reason=f"needs the native extension: {NATIVE}")
+
+OPTIM_OPS = ("sgd_", "rmsprop_", "adagrad_", "adam_")
+
+
+class _OpsOnHost:
+    """torch.ops.resfast, with the optimizer ops replaced by the CUDA kernel body run on the host."""
+
+    def __getattr__(self, name: str):
+        namespace = torch.ops.resfast_cuda_on_host if name in OPTIM_OPS else torch.ops.resfast
+        return getattr(namespace, name)
+
+
+@pytest.fixture(params=["cuda-kernel-on-host", "cpu"])
+def native(request, monkeypatch) -> str:
+    """The `cpu` backend as it is, or with its ops running the CUDA kernel body."""
+    if request.param == "cuda-kernel-on-host":
+        from resfast.kernels import cext
+
+        try:  # the host build reproduces the GPU's fused multiply-adds: it needs a CPU with FMA
+            no_tensors = [], [], [], torch.empty(0, 5), None, None
+            torch.ops.resfast_cuda_on_host.sgd_(*no_tensors, False, False, False)
+        except RuntimeError as e:
+            pytest.skip(str(e))
+        monkeypatch.setattr(cext, "_ops", _OpsOnHost())
+    return "cpu"
+
+
+def _trajectory(name: str, kwargs: dict, backend: str, params: list[torch.Tensor], steps: int = 3) -> list:
+    """Every param and state after each step; grads as tests/optim_helpers.make_grads draws them for
+    its SHAPES (None on some steps), or of each param's shape when `params` are not those."""
+    opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
+    snapshots = []
+    for step in range(steps):
+        if [tuple(p.shape) for p in params] == SHAPES:
+            grads = make_grads(step, len(params))
+        else:
+            gen = torch.Generator().manual_seed(step)
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = None if g is None else g.to(p.dtype)
+        opt.step()
+        snapshots.append([(label, t.clone()) for label, t in state_tensors(opt, params)])
+    return snapshots
+
+
+def _assert_matches_reference(got: list, want: list) -> None:
+    """Step by step, within fast_backend_bound of the largest magnitude each tensor has reached so far
+    (a momentum buffer that shrinks keeps the rounding error of its larger past values)."""
+    reached: dict[str, float] = {}
+    for step, (mine_now, want_now) in enumerate(zip(got, want, strict=True)):
+        assert [label for label, _ in mine_now] == [label for label, _ in want_now]
+        for (label, mine), (_, expected) in zip(mine_now, want_now, strict=True):
+            size = expected.abs().max().item() if expected.numel() else 0.0
+            reached[label] = max(reached.get(label, 0.0), size)
+            bound = fast_backend_bound(expected, reached[label])
+            torch.testing.assert_close(
+                mine,
+                expected,
+                rtol=0,
+                atol=bound,
+                msg=lambda m, label=label, step=step: f"step {step}, {label}: {m}",
+            )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_kernel_body_matches_reference(native, case, dtype):
+    """tests/optim_helpers.SHAPES: an empty tensor first, 1-element, odd sizes, a tensor of two CUDA
+    chunks (4100 > 4096), and grads that are None on some steps, so step counts differ per tensor."""
+    name, kwargs = case
+    want = _trajectory(name, kwargs, "reference", make_params(dtype))
+    _assert_matches_reference(_trajectory(name, kwargs, native, make_params(dtype)), want)
+
+
+def _staggered_steps(name: str, backend: str, scaler_skips_first: bool) -> list:
+    """An empty tensor between tensors whose step counts differ: `late` gets its first grad one step
+    after the others. With scaler_skips_first, the first step is skipped as GradScaler skips it
+    (found_inf = 1): SGD must then still start its momentum buffers fresh on the next step."""
+    gen = torch.Generator().manual_seed(0)
+    early, empty, late, big = (torch.randn(n, generator=gen) for n in (5, 0, 7, 4100))
+    params = [early, empty, late, big]
+    kwargs = {"SGD": {"lr": 0.1, "momentum": 0.9, "dampening": 0.2}, "RMSprop": {"centered": True},
+              "Adagrad": {"lr_decay": 0.3}, "Adam": {"lr": 0.1}, "AdamW": {"lr": 0.1}}[name]  # fmt: skip
+    opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
+    snapshots = []
+    for step in range(4):
+        for p in params:
+            p.grad = None if (p is late and step == 0) else torch.randn(p.shape, generator=gen)
+        skip = scaler_skips_first and step == 0
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(skip))  # as GradScaler sets
+        opt.step()
+        snapshots.append([(label, t.clone()) for label, t in state_tensors(opt, params)])
+    return snapshots
+
+
+@pytest.mark.parametrize("scaler_skips_first", [False, True], ids=["plain", "first-step-skipped"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_empty_tensor_between_tensors_of_different_step_counts(native, name, scaler_skips_first):
+    want = _staggered_steps(name, "reference", scaler_skips_first)
+    _assert_matches_reference(_staggered_steps(name, native, scaler_skips_first), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+def test_vector_and_tail_split_on_aligned_and_misaligned_tensors(native, layout, dtype):
+    """Sizes around the 16-byte vector width (4 fp32, 8 bf16/fp16 elements) and the 4096-element chunk,
+    contiguous (vector path, then a scalar tail) and starting at element 1 of a buffer (scalar path
+    only); nothing outside a view is written."""
+    sizes = (1, 3, 4, 5, 8, 9, 15, 17, 4095, 4096, 4097, 8200)
+    values = make_params(dtype)[:1] + [torch.randn(n, dtype=torch.float64).to(dtype) for n in sizes]
+    results = {}
+    for backend in ("reference", native):
+        laid = [laid_out(v, layout) for v in values]
+        params = [p for p, _ in laid]
+        results[backend] = _trajectory("Adam", {"amsgrad": True, "weight_decay": 0.1}, backend, params)
+        assert all(base is None or int((base == 96.0).sum()) == base.numel() - p.numel() for p, base in laid)
+    _assert_matches_reference(results[native], results["reference"])
+
+
+def test_native_coefficient_columns_match_the_python_tables():
+    """The column count each native op reads (Math::kColumns) is the width of the table Python builds."""
+    import resfast._C
+
+    one = [torch.ones(())]
+    cpu = torch.device("cpu")
+    python = {
+        "sgd_": optim_coef.sgd(1, cpu, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, fresh=[True]),
+        "rmsprop_": optim_coef.rmsprop(1, cpu, lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0),
+        "adagrad_": optim_coef.adagrad(one, cpu, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10),
+        "adam_": optim_coef.adam(
+            one, cpu, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False
+        ),
+    }
+    assert {op: table.shape[1] for op, table in python.items()} == resfast._C.COEF_COLUMNS
