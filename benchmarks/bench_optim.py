@@ -13,6 +13,11 @@ Bytes: a step reads param, grad and every state and writes param and every state
 (3 + 2 * states) * itemsize per element (fp32: SGD-momentum 20 B, Adam 28 B). Per-tensor scalars
 (step counters) are left out: < 0.01% of any list here.
 
+Then a second table (optim_host.csv; --no-host skips it): the host's time per step over ResNet-50's
+161 parameter tensors with one element each, where the step moves no data to speak of, for torch's
+foreach and fused steps and every resfast backend. torch has no fused RMSprop: its row is compared
+with torch's fused Adagrad, which moves the same three lists.
+
     python benchmarks/bench_optim.py --device cpu
     python benchmarks/bench_optim.py --device cuda --optimizer adam --params resnet50 --dtype fp32
 """

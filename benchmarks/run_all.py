@@ -2,8 +2,9 @@
 
 Each benchmark runs in its own process (a crash or an out-of-memory in one leaves the others, and
 every one starts with a clean allocator and compile cache). With no --device, CUDA is used when
-present, else the CPU. Results go to <out>/<device>/{optim,bn,train}.{csv,png}; the summary tables
-are printed last.
+present, else the CPU. Results go to <out>/<device>/{optim,bn,train}.{csv,png}; each benchmark
+prints its tables as it ends, and the summary tables are printed again last. Ctrl-C or SIGTERM
+stops the run once the running benchmark has printed the tables of what it finished.
 
     python benchmarks/run_all.py                   # everything, on CUDA if present
     python benchmarks/run_all.py --smoke           # tiny sizes: checks that every script runs

@@ -259,7 +259,7 @@ def test_bandwidth_units():
 def test_parameter_lists():
     tv = pytest.importorskip("torchvision")
     r50 = bench_optim.PARAM_SETS["resnet50"]()
-    assert len(r50.shapes) == 161
+    assert len(r50.shapes) == bench_optim.RESNET50_TENSORS == 161
     assert sum(math.prod(s) for s in r50.shapes) == bench_optim.RESNET50_NUMEL == 25_557_032
     assert bench_optim.PARAM_SETS["flat"]().shapes == [(bench_optim.RESNET50_NUMEL,)]
     r18 = bench_optim.PARAM_SETS["resnet18"]()
@@ -358,14 +358,15 @@ def test_a_quiet_narrow_row_is_reliable_and_a_wide_or_loaded_one_is_not():
         [
             _timed("torch-a", 1.0, 1.0 - limit / 2, 1.0 + limit / 2),  # exactly at the limit
             _timed("torch-b", 4.27, 2.45, 92.2),  # seen on a busy 2-core machine
-            _timed("resfast-x", 1.0, 0.99, 1.01, load=2.5),
+            _timed("resfast-x", 1.0, 0.99, 1.01, load=2.6),
             {"path": "resfast-y", "status": "WRONG"},
         ]
     )
     assert quiet["reliable"] == "yes"
     assert wide["reliable"] == "no: spread 2102% > 30%"
-    assert loaded["reliable"] == "no: load 2.5 > 2 cores"
-    assert _marked([_timed("resfast-x", 1.0, 0.99, 1.01, load=2.5)], ncores=4)[0]["reliable"] == "yes"
+    assert loaded["reliable"] == "no: load 2.6 > 2.5 (2 cores + 0.5)"
+    # The benchmark's own threads load every core: up to the margin above that is still quiet.
+    assert _marked([_timed("resfast-x", 1.0, 0.99, 1.01, load=2.5)])[0]["reliable"] == "yes"
     assert "reliable" not in failed  # never timed: nothing to judge
 
 

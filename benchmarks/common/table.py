@@ -144,7 +144,8 @@ def _reliability_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     unreliable = [r for r in timed if not reliability.trusted(r)]
     if unreliable:
         notes.append(
-            f"{len(unreliable)} of {len(timed)} timed rows unreliable (load average above the core count, "
+            f"{len(unreliable)} of {len(timed)} timed rows unreliable (load average above the core count "
+            f"+ {reliability.LOAD_MARGIN:g}, "
             f"or p20-p80 spread above {reliability.SPREAD_LIMIT:.0%} of the median, theirs or their "
             "baseline's): speed-ups and % copy not shown; the CSV's `reliable` column says why."
         )
