@@ -242,7 +242,9 @@ class Config:
     overwrite: Annotated[
         bool, "replace the run in --out, if any (without it, a run refuses to write over another)"
     ] = False
-    progress: Annotated[bool, "show a progress bar per epoch (on stderr)"] = True
+    progress: Annotated[
+        bool, "show a progress bar per epoch on stderr (one line per epoch when stderr is not a terminal)"
+    ] = True
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
