@@ -5,7 +5,7 @@
 // grad, states... (the same order as the op's tensor lists), with the grad already unscaled (divided by
 // the GradScaler's scale) and negated when maximizing. The update rewrites r[0] (param) and r[2...]
 // (states); the driver stores those back rounded to the storage dtype. `c` is the tensor's row of
-// coefficients, kColumns of them, as documented in resfast/kernels/optim_coef.py; every branch depends on a
+// coefficients, kColumns of them, named in each maths' Column enum; every branch depends on a
 // coefficient or an option, never on an element, so one code path serves scalars and vectors.
 // The maths is that of resfast/kernels/reference_optim.py, the specification. N, the number of
 // tensors, is a template parameter: optional states exist only when N says so (if constexpr), which
@@ -34,91 +34,106 @@ C10_HOST_DEVICE inline T lerp(const T& start, const T& end, float weight) {
   return weight < 0.5f ? start + T(weight) * (end - start) : end - (end - start) * T(1.0f - weight);
 }
 
+// Each maths names its coefficient columns, in the order of resfast/kernels/optim_spec.py's SPECS
+// (exported as resfast._C.COEF_COLUMNS and checked against it by tests/test_optim_spec.py).
+
 struct SgdMath {
-  static constexpr int kColumns = 5;
+  enum Column : int { kLr, kWeightDecay, kMomentum, kOneMinusDampening, kFresh, kColumns };
+  static constexpr const char* kColumnNames[kColumns] = {"lr", "weight_decay", "momentum",
+                                                         "one_minus_dampening", "fresh"};
   bool has_wd, nesterov;
-  // r: param, grad[, momentum_buffer];  c: lr, weight_decay, momentum, 1 - dampening, fresh
+  // r: param, grad[, momentum_buffer]
   template <int N, typename T>
   C10_HOST_DEVICE void operator()(T (&r)[N], const float* c) const {
     T g = r[1];
-    if (has_wd) g = g + r[0] * T(c[1]);
+    if (has_wd) g = g + r[0] * T(c[kWeightDecay]);
     if constexpr (N == 3) {
       // A fresh buffer starts as the gradient itself, undampened, as in torch.
-      const T b = c[4] != 0.f ? g : r[2] * T(c[2]) + g * T(c[3]);
+      const T b = c[kFresh] != 0.f ? g : r[2] * T(c[kMomentum]) + g * T(c[kOneMinusDampening]);
       r[2] = b;
-      g = nesterov ? g + b * T(c[2]) : b;
+      g = nesterov ? g + b * T(c[kMomentum]) : b;
     }
-    r[0] = r[0] - g * T(c[0]);
+    r[0] = r[0] - g * T(c[kLr]);
   }
 };
 
 struct RmspropMath {
-  static constexpr int kColumns = 6;
+  enum Column : int { kLr, kAlpha, kOneMinusAlpha, kEps, kWeightDecay, kMomentum, kColumns };
+  static constexpr const char* kColumnNames[kColumns] = {"lr",  "alpha",        "one_minus_alpha",
+                                                         "eps", "weight_decay", "momentum"};
   bool has_wd, centered, has_momentum;
   // r: param, grad, square_avg[, grad_avg][, momentum_buffer]
-  // c: lr, alpha, 1 - alpha, eps, weight_decay, momentum
   template <int N, typename T>
   C10_HOST_DEVICE void operator()(T (&r)[N], const float* c) const {
     T g = r[1];
-    if (has_wd) g = g + r[0] * T(c[4]);
-    const T sq = r[2] * T(c[1]) + g * g * T(c[2]);
+    if (has_wd) g = g + r[0] * T(c[kWeightDecay]);
+    const T sq = r[2] * T(c[kAlpha]) + g * g * T(c[kOneMinusAlpha]);
     r[2] = sq;
     T var = sq;
     if constexpr (N >= 4) {
       if (centered) {
-        const T ga = lerp(r[3], g, c[2]);
+        const T ga = lerp(r[3], g, c[kOneMinusAlpha]);
         r[3] = ga;
         var = sq - ga * ga;
       }
     }
-    const T avg = Elementwise<T>::sqrt(var) + T(c[3]);
+    const T avg = Elementwise<T>::sqrt(var) + T(c[kEps]);
     if constexpr (N >= 4) {
       if (has_momentum) {
         const int k = N - 1;  // the momentum buffer is always the last list
-        const T b = r[k] * T(c[5]) + g / avg;
+        const T b = r[k] * T(c[kMomentum]) + g / avg;
         r[k] = b;
-        r[0] = r[0] - b * T(c[0]);
+        r[0] = r[0] - b * T(c[kLr]);
         return;
       }
     }
-    r[0] = r[0] - g / avg * T(c[0]);
+    r[0] = r[0] - g / avg * T(c[kLr]);
   }
 };
 
 struct AdagradMath {
-  static constexpr int kColumns = 3;
+  enum Column : int { kClr, kWeightDecay, kEps, kColumns };  // clr = lr / (1 + (step - 1) * lr_decay)
+  static constexpr const char* kColumnNames[kColumns] = {"clr", "weight_decay", "eps"};
   bool has_wd;
-  // r: param, grad, sum;  c: clr, weight_decay, eps
+  // r: param, grad, sum
   template <int N, typename T>
   C10_HOST_DEVICE void operator()(T (&r)[N], const float* c) const {
     T g = r[1];
-    if (has_wd) g = g + r[0] * T(c[1]);
+    if (has_wd) g = g + r[0] * T(c[kWeightDecay]);
     const T s = r[2] + g * g;
     r[2] = s;
-    r[0] = r[0] - g / (Elementwise<T>::sqrt(s) + T(c[2])) * T(c[0]);
+    r[0] = r[0] - g / (Elementwise<T>::sqrt(s) + T(c[kEps])) * T(c[kClr]);
   }
 };
 
 struct AdamMath {
-  static constexpr int kColumns = 7;
-  int wd_mode;  // 0 none, 1 added to the grad (Adam), 2 decoupled (AdamW)
+  // step_size = lr / (1 - beta1^step), sqrt_bias_correction2 = sqrt(1 - beta2^step),
+  // weight_decay_term: the decay (kL2) or 1 - lr * decay (kDecoupled)
+  enum Column : int {
+    kStepSize, kSqrtBiasCorrection2, kOneMinusBeta1, kBeta2, kOneMinusBeta2, kEps, kWeightDecayTerm, kColumns
+  };
+  static constexpr const char* kColumnNames[kColumns] = {
+      "step_size", "sqrt_bias_correction2", "one_minus_beta1", "beta2", "one_minus_beta2", "eps",
+      "weight_decay_term"};
+  // How weight decay applies: the values of optim_spec.py's ADAM_WEIGHT_DECAY.
+  enum WeightDecay : int { kNone = 0, kL2 = 1, kDecoupled = 2 };
+  int wd_mode;
   // r: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq (amsgrad)]
-  // c: step_size, sqrt(bias_correction2), 1 - beta1, beta2, 1 - beta2, eps, weight decay term
   template <int N, typename T>
   C10_HOST_DEVICE void operator()(T (&r)[N], const float* c) const {
     T p = r[0];
     T g = r[1];
-    if (wd_mode == 1) g = g + p * T(c[6]);
-    if (wd_mode == 2) p = p * T(c[6]);
-    const T m = lerp(r[2], g, c[2]);
-    T v = r[3] * T(c[3]) + g * g * T(c[4]);
+    if (wd_mode == kL2) g = g + p * T(c[kWeightDecayTerm]);
+    if (wd_mode == kDecoupled) p = p * T(c[kWeightDecayTerm]);
+    const T m = lerp(r[2], g, c[kOneMinusBeta1]);
+    T v = r[3] * T(c[kBeta2]) + g * g * T(c[kOneMinusBeta2]);
     r[2] = m;
     r[3] = v;
     if constexpr (N == 5) {
       v = Elementwise<T>::max_propagate_nan(r[4], v);
       r[4] = v;
     }
-    r[0] = p - m / (Elementwise<T>::sqrt(v) / T(c[1]) + T(c[5])) * T(c[0]);
+    r[0] = p - m / (Elementwise<T>::sqrt(v) / T(c[kSqrtBiasCorrection2]) + T(c[kEps])) * T(c[kStepSize]);
   }
 };
 

@@ -117,7 +117,8 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
   if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
   check_lists(lists, coef, AdamMath::kColumns);
-  TORCH_CHECK(wd_mode >= 0 && wd_mode <= 2, "resfast: wd_mode must be 0, 1 or 2, got ", wd_mode);
+  TORCH_CHECK(wd_mode == AdamMath::kNone || wd_mode == AdamMath::kL2 || wd_mode == AdamMath::kDecoupled,
+              "resfast: wd_mode must be 0 (none), 1 (l2) or 2 (decoupled), got ", wd_mode);
   const AdamMath math{static_cast<int>(wd_mode)};
   if (!max_exp_avg_sqs.empty()) {
     Backend::template apply<5>(lists, coef, grad_scale, found_inf, maximize, math);

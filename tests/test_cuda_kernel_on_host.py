@@ -18,7 +18,6 @@ import torch
 
 import resfast.optim
 from resfast import backends
-from resfast.kernels import optim_coef
 from tests.optim_cases import CASES, DTYPES, OPTIMIZERS, case_id
 from tests.optim_helpers import SHAPES, fast_backend_bound, laid_out, make_grads, make_params, state_tensors
 
@@ -145,20 +144,3 @@ def test_vector_and_tail_split_on_aligned_and_misaligned_tensors(native, layout,
         results[backend] = _trajectory("Adam", {"amsgrad": True, "weight_decay": 0.1}, backend, params)
         assert all(base is None or int((base == 96.0).sum()) == base.numel() - p.numel() for p, base in laid)
     _assert_matches_reference(results[native], results["reference"])
-
-
-def test_native_coefficient_columns_match_the_python_tables():
-    """The column count each native op reads (Math::kColumns) is the width of the table Python builds."""
-    import resfast._C
-
-    one = [torch.ones(())]
-    cpu = torch.device("cpu")
-    python = {
-        "sgd_": optim_coef.sgd(1, cpu, lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, fresh=[True]),
-        "rmsprop_": optim_coef.rmsprop(1, cpu, lr=0.1, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0),
-        "adagrad_": optim_coef.adagrad(one, cpu, lr=0.1, lr_decay=0.0, weight_decay=0.0, eps=1e-10),
-        "adam_": optim_coef.adam(
-            one, cpu, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False
-        ),
-    }
-    assert {op: table.shape[1] for op, table in python.items()} == resfast._C.COEF_COLUMNS

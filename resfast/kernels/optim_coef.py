@@ -6,7 +6,8 @@ so hyperparameters are data, never compile-time constants: a new lr never recomp
 tensor lr works like a float one, and since only device-side fills and copies build the table, no
 step synchronises with the host and the whole step can be captured in a CUDA graph.
 
-The column order is part of each kernel's contract and is listed in each docstring.
+The columns and their order are each update's contract, declared in
+:data:`resfast.kernels.optim_spec.SPECS`; every table here is built by name against it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
+
+__all__ = ["adagrad", "adam", "adam_weight_decay_mode", "rmsprop", "sgd"]
 
 
-def _table(n: int, device: torch.device, columns: Sequence[float | Tensor]) -> Tensor:
-    """float32 [n, len(columns)]; each column a number, a 0-d tensor or an [n] tensor (per tensor)."""
+def _table(op: str, n: int, device: torch.device, values: dict[str, float | Tensor]) -> Tensor:
+    """float32 [n, K] in the column order of SPECS[op]; each value a number, a 0-d tensor or an [n]
+    tensor (per tensor)."""
+    columns = SPECS[op].columns
+    assert tuple(values) == columns, f"{op}: columns {tuple(values)} but the spec declares {columns}"
     coef = torch.empty(n, len(columns), dtype=torch.float32, device=device)
-    for j, value in enumerate(columns):
+    for j, value in enumerate(values.values()):
         coef[:, j] = value
     return coef
 
@@ -42,10 +48,10 @@ def sgd(
     dampening: float,
     fresh: Sequence[bool],
 ) -> Tensor:
-    """Columns: lr, weight_decay, momentum, 1 - dampening, fresh (1.0: the buffer starts as the grad)."""
     # The fresh flags change only on a buffer's first step; 0.0 fills without a host-to-device copy.
     fresh_column = torch.tensor(fresh, dtype=torch.float32) if any(fresh) else 0.0
-    return _table(n, device, [lr, weight_decay, momentum, 1 - dampening, fresh_column])
+    values = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum}
+    return _table("sgd", n, device, values | {"one_minus_dampening": 1 - dampening, "fresh": fresh_column})
 
 
 def rmsprop(
@@ -58,8 +64,8 @@ def rmsprop(
     weight_decay: float,
     momentum: float,
 ) -> Tensor:
-    """Columns: lr, alpha, 1 - alpha, eps, weight_decay, momentum."""
-    return _table(n, device, [lr, alpha, 1 - alpha, eps, weight_decay, momentum])
+    values = {"lr": lr, "alpha": alpha, "one_minus_alpha": 1 - alpha, "eps": eps}
+    return _table("rmsprop", n, device, values | {"weight_decay": weight_decay, "momentum": momentum})
 
 
 def adagrad(
@@ -71,14 +77,13 @@ def adagrad(
     weight_decay: float,
     eps: float,
 ) -> Tensor:
-    """Columns: clr = lr / (1 + (step - 1) * lr_decay), weight_decay, eps."""
     clr = lr / (1 + (_step_counts(steps, device) - 1) * lr_decay)
-    return _table(len(steps), device, [clr, weight_decay, eps])
+    return _table("adagrad", len(steps), device, {"clr": clr, "weight_decay": weight_decay, "eps": eps})
 
 
 def adam_weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
-    """0: none; 1: added to the grad (Adam); 2: decoupled, param *= 1 - lr * wd (AdamW)."""
-    return 0 if weight_decay == 0 else 2 if decoupled else 1
+    """ADAM_WEIGHT_DECAY's none; l2: added to the grad (Adam); decoupled: param *= 1 - lr * wd (AdamW)."""
+    return ADAM_WEIGHT_DECAY["none" if weight_decay == 0 else "decoupled" if decoupled else "l2"]
 
 
 def adam(
@@ -92,9 +97,15 @@ def adam(
     weight_decay: float,
     decoupled: bool,
 ) -> Tensor:
-    """Columns: step_size = lr / (1 - beta1^step), sqrt(1 - beta2^step), 1 - beta1, beta2, 1 - beta2,
-    eps, then weight_decay (mode 1) or 1 - lr * weight_decay (mode 2; see adam_weight_decay_mode)."""
     step = _step_counts(steps, device)
-    decay = 1 - lr * weight_decay if adam_weight_decay_mode(weight_decay, decoupled) == 2 else weight_decay
-    columns = [lr / (1 - beta1**step), (1 - beta2**step).sqrt(), 1 - beta1, beta2, 1 - beta2, eps, decay]
-    return _table(len(steps), device, columns)
+    decoupled_decay = adam_weight_decay_mode(weight_decay, decoupled) == ADAM_WEIGHT_DECAY["decoupled"]
+    values = {
+        "step_size": lr / (1 - beta1**step),
+        "sqrt_bias_correction2": (1 - beta2**step).sqrt(),
+        "one_minus_beta1": 1 - beta1,
+        "beta2": beta2,
+        "one_minus_beta2": 1 - beta2,
+        "eps": eps,
+        "weight_decay_term": 1 - lr * weight_decay if decoupled_decay else weight_decay,
+    }
+    return _table("adam", len(steps), device, values)

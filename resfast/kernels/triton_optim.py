@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from resfast.kernels import optim_coef
+from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
 from resfast.kernels.triton_common import store_rounded
 
 __all__ = ["adagrad", "adam", "rmsprop", "sgd"]
@@ -47,6 +48,31 @@ __all__ = ["adagrad", "adam", "rmsprop", "sgd"]
 # row, small enough that a 1-element tensor wastes little.
 BLOCK = 1024
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _column(op: str, name: str) -> tl.constexpr:
+    return tl.constexpr(SPECS[op].column(name))
+
+
+# The coefficient tables' row widths and column offsets, from resfast.kernels.optim_spec (constexprs:
+# compiled in, never recompiled).
+SGD_COLUMNS = tl.constexpr(len(SPECS["sgd"].columns))
+SGD_LR, SGD_WEIGHT_DECAY = _column("sgd", "lr"), _column("sgd", "weight_decay")
+SGD_MOMENTUM, SGD_ONE_MINUS_DAMPENING = _column("sgd", "momentum"), _column("sgd", "one_minus_dampening")
+SGD_FRESH = _column("sgd", "fresh")
+RMSPROP_COLUMNS = tl.constexpr(len(SPECS["rmsprop"].columns))
+RMSPROP_LR, RMSPROP_ALPHA = _column("rmsprop", "lr"), _column("rmsprop", "alpha")
+RMSPROP_ONE_MINUS_ALPHA, RMSPROP_EPS = _column("rmsprop", "one_minus_alpha"), _column("rmsprop", "eps")
+RMSPROP_WEIGHT_DECAY, RMSPROP_MOMENTUM = _column("rmsprop", "weight_decay"), _column("rmsprop", "momentum")
+ADAGRAD_COLUMNS = tl.constexpr(len(SPECS["adagrad"].columns))
+ADAGRAD_CLR, ADAGRAD_WEIGHT_DECAY = _column("adagrad", "clr"), _column("adagrad", "weight_decay")
+ADAGRAD_EPS = _column("adagrad", "eps")
+ADAM_COLUMNS = tl.constexpr(len(SPECS["adam"].columns))
+ADAM_STEP_SIZE, ADAM_SQRT_BC2 = _column("adam", "step_size"), _column("adam", "sqrt_bias_correction2")
+ADAM_ONE_MINUS_BETA1, ADAM_BETA2 = _column("adam", "one_minus_beta1"), _column("adam", "beta2")
+ADAM_ONE_MINUS_BETA2, ADAM_EPS = _column("adam", "one_minus_beta2"), _column("adam", "eps")
+ADAM_WD_TERM = _column("adam", "weight_decay_term")
+WD_L2, WD_DECOUPLED = tl.constexpr(ADAM_WEIGHT_DECAY["l2"]), tl.constexpr(ADAM_WEIGHT_DECAY["decoupled"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +154,7 @@ def _store_param(
 # Kernels. Common arguments:
 #   rows_ptr       int64 [n_rows, 2]: (tensor index, first element) of each program's chunk
 #   table_ptr      int64 [n_tensors, NCOL]: addresses of param, grad, states..., then numel
-#   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns as in resfast.kernels.optim_coef
+#   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns as in resfast.kernels.optim_spec
 #   grad_scale_ptr float32 [1]: GradScaler's scale (read only if HAS_SCALE)
 #   found_inf_ptr  float32 [1]: nonzero means skip the whole update (read only if HAS_INF)
 #   seed           int: the step's random seed for stochastic rounding (read only if SR)
@@ -146,26 +172,27 @@ def _sgd_kernel(
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad[, momentum_buffer], numel
-    # coef columns: lr, weight_decay, momentum, 1 - dampening, fresh (1.0: buffer starts as the grad)
+    # coefficients: SPECS["sgd"].columns (SGD_* offsets); fresh = 1.0: the buffer starts as the grad
     NCOL: tl.constexpr = (4 if HAS_MOMENTUM else 3) + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
-    c = coef_ptr + t * 5
+    c = coef_ptr + t * SGD_COLUMNS
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if HAS_WD:
-        g = g + p * tl.load(c + 1)
+        g = g + p * tl.load(c + SGD_WEIGHT_DECAY)
     if HAS_MOMENTUM:
-        momentum = tl.load(c + 2)
+        momentum = tl.load(c + SGD_MOMENTUM)
         b_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
         # A fresh buffer (all zeros) starts as the gradient itself, undampened, as in torch.
-        b = tl.where(tl.load(c + 4) != 0, g, _load(b_ptr, offs, mask) * momentum + g * tl.load(c + 3))
+        carried = _load(b_ptr, offs, mask) * momentum + g * tl.load(c + SGD_ONE_MINUS_DAMPENING)
+        b = tl.where(tl.load(c + SGD_FRESH) != 0, g, carried)
         store_rounded(b_ptr, offs, b, mask)
         if NESTEROV:
             g = g + b * momentum
         else:
             g = b
-    _store_param(p_ptr, table_ptr, t, offs, p - g * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
+    _store_param(p_ptr, table_ptr, t, offs, p - g * tl.load(c + SGD_LR), mask, seed, NCOL, DTYPE, MASTER, SR)
 
 
 @triton.jit
@@ -176,34 +203,36 @@ def _rmsprop_kernel(
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, square_avg[, grad_avg][, momentum_buffer], numel
-    # coef columns: lr, alpha, 1 - alpha, eps, weight_decay, momentum
+    # coefficients: SPECS["rmsprop"].columns (RMSPROP_* offsets)
     NCOL: tl.constexpr = 4 + CENTERED + HAS_MOMENTUM + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
-    c = coef_ptr + t * 6
+    c = coef_ptr + t * RMSPROP_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if HAS_WD:
-        g = g + p * tl.load(c + 4)
-    one_minus_alpha = tl.load(c + 2)
+        g = g + p * tl.load(c + RMSPROP_WEIGHT_DECAY)
+    one_minus_alpha = tl.load(c + RMSPROP_ONE_MINUS_ALPHA)
     sq_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
-    sq = _load(sq_ptr, offs, mask) * tl.load(c + 1) + g * g * one_minus_alpha
+    sq = _load(sq_ptr, offs, mask) * tl.load(c + RMSPROP_ALPHA) + g * g * one_minus_alpha
     store_rounded(sq_ptr, offs, sq, mask)
     if CENTERED:
         ga_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
         ga = _lerp(_load(ga_ptr, offs, mask), g, one_minus_alpha)
         store_rounded(ga_ptr, offs, ga, mask)
-        avg = tl.sqrt_rn(sq - ga * ga) + tl.load(c + 3)
+        avg = tl.sqrt_rn(sq - ga * ga) + tl.load(c + RMSPROP_EPS)
     else:
-        avg = tl.sqrt_rn(sq) + tl.load(c + 3)
+        avg = tl.sqrt_rn(sq) + tl.load(c + RMSPROP_EPS)
     if HAS_MOMENTUM:
         b_ptr = _ptr(table_ptr, t, 3 + CENTERED, NCOL, DTYPE)
-        b = _load(b_ptr, offs, mask) * tl.load(c + 5) + tl.div_rn(g, avg)
+        b = _load(b_ptr, offs, mask) * tl.load(c + RMSPROP_MOMENTUM) + tl.div_rn(g, avg)
         store_rounded(b_ptr, offs, b, mask)
         update = b
     else:
         update = tl.div_rn(g, avg)
-    _store_param(p_ptr, table_ptr, t, offs, p - update * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR)
+    _store_param(
+        p_ptr, table_ptr, t, offs, p - update * tl.load(c + RMSPROP_LR), mask, seed, NCOL, DTYPE, MASTER, SR
+    )
 
 
 @triton.jit
@@ -213,15 +242,15 @@ def _adagrad_kernel(
     DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, sum, numel
-    # coef columns: clr = lr / (1 + (step - 1) * lr_decay), weight_decay, eps
+    # coefficients: SPECS["adagrad"].columns (ADAGRAD_* offsets)
     NCOL: tl.constexpr = 4 + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
-    c = coef_ptr + t * 3
+    c = coef_ptr + t * ADAGRAD_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
     if HAS_WD:
-        g = g + p * tl.load(c + 1)
+        g = g + p * tl.load(c + ADAGRAD_WEIGHT_DECAY)
     s_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     s = _load(s_ptr, offs, mask) + g * g
     store_rounded(s_ptr, offs, s, mask)
@@ -230,7 +259,7 @@ def _adagrad_kernel(
         table_ptr,
         t,
         offs,
-        p - tl.div_rn(g, tl.sqrt_rn(s) + tl.load(c + 2)) * tl.load(c),
+        p - tl.div_rn(g, tl.sqrt_rn(s) + tl.load(c + ADAGRAD_EPS)) * tl.load(c + ADAGRAD_CLR),
         mask,
         seed,
         NCOL,
@@ -247,33 +276,42 @@ def _adam_kernel(
     HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
-    # WD_MODE: 0 no weight decay, 1 added to the grad (Adam), 2 decoupled (AdamW)
+    # WD_MODE: ADAM_WEIGHT_DECAY's none, l2 (added to the grad: Adam) or decoupled (AdamW)
     # table columns: param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq], numel
-    # coef columns: step_size = lr / (1 - beta1^step), sqrt(1 - beta2^step), 1 - beta1, beta2,
-    #               1 - beta2, eps, weight_decay (WD_MODE 1) or 1 - lr * weight_decay (WD_MODE 2)
+    # coefficients: SPECS["adam"].columns (ADAM_* offsets)
     NCOL: tl.constexpr = (6 if AMSGRAD else 5) + MASTER
     t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
-    c = coef_ptr + t * 7
+    c = coef_ptr + t * ADAM_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
     g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
-    if WD_MODE == 1:
-        g = g + p * tl.load(c + 6)
-    if WD_MODE == 2:
-        p = p * tl.load(c + 6)
+    if WD_MODE == WD_L2:
+        g = g + p * tl.load(c + ADAM_WD_TERM)
+    if WD_MODE == WD_DECOUPLED:
+        p = p * tl.load(c + ADAM_WD_TERM)
     m_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
     v_ptr = _ptr(table_ptr, t, 3, NCOL, DTYPE)
-    m = _lerp(_load(m_ptr, offs, mask), g, tl.load(c + 2))
-    v = _load(v_ptr, offs, mask) * tl.load(c + 3) + g * g * tl.load(c + 4)
+    m = _lerp(_load(m_ptr, offs, mask), g, tl.load(c + ADAM_ONE_MINUS_BETA1))
+    v = _load(v_ptr, offs, mask) * tl.load(c + ADAM_BETA2) + g * g * tl.load(c + ADAM_ONE_MINUS_BETA2)
     store_rounded(m_ptr, offs, m, mask)
     store_rounded(v_ptr, offs, v, mask)
     if AMSGRAD:
         vmax_ptr = _ptr(table_ptr, t, 4, NCOL, DTYPE)
         v = tl.maximum(_load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)  # as torch.maximum
         store_rounded(vmax_ptr, offs, v, mask)
-    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(c + 1)) + tl.load(c + 5)
+    denom = tl.div_rn(tl.sqrt_rn(v), tl.load(c + ADAM_SQRT_BC2)) + tl.load(c + ADAM_EPS)
     _store_param(
-        p_ptr, table_ptr, t, offs, p - tl.div_rn(m, denom) * tl.load(c), mask, seed, NCOL, DTYPE, MASTER, SR
+        p_ptr,
+        table_ptr,
+        t,
+        offs,
+        p - tl.div_rn(m, denom) * tl.load(c + ADAM_STEP_SIZE),
+        mask,
+        seed,
+        NCOL,
+        DTYPE,
+        MASTER,
+        SR,
     )
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from resfast import backends
+from resfast.kernels.optim_spec import OptimizerSpec
 
 
 def kernel_module(backend: str) -> ModuleType:
@@ -164,15 +165,14 @@ class FusedStep:
     """Mixin that replaces torch.optim's step with resfast's fused one.
 
     Subclasses define:
-    - ``_state_keys(group)``: the per-param state tensors the kernel updates, in kernel order;
+    - ``_spec``: the update's :class:`~resfast.kernels.optim_spec.OptimizerSpec` (its kernel, state
+      tensors and step counter);
     - ``_new_state(group, param, key)``: a fresh state tensor, as torch would create it;
-    - ``_has_step``: whether the state holds a ``step`` counter;
     - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported, as
       by torch's SGD and Adagrad, and run on the reference backend);
     - ``_update(fn, group, batch)``: call kernel `fn` on a :class:`Batch`.
     """
 
-    _has_step = True
     _sparse_grad_error: str | None = None
     param_groups: list[dict[str, Any]]
     state: dict[Tensor, dict[str, Any]]
@@ -423,10 +423,18 @@ class FusedStep:
                 "stochastic_seed": seed if mode == STOCHASTIC else None,
             },
         )
-        self._update(getattr(kernel_module(backend), self._kernel), group, batch)
+        self._update(getattr(kernel_module(backend), self._spec.op), group, batch)
 
-    _kernel: str
-    _state_keys: Callable[[dict[str, Any]], tuple[str, ...]]
+    _spec: OptimizerSpec
+
+    @property
+    def _has_step(self) -> bool:
+        return self._spec.has_step
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        """The per-param state tensors the kernel updates, in kernel order."""
+        return self._spec.state_keys(group)
+
     _new_state: Callable[[dict[str, Any], Tensor, str], Tensor]
     _update: Callable[[Callable[..., None], dict[str, Any], Batch], None]
 

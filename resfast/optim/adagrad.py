@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from resfast.kernels.optim_spec import SPECS
 from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
@@ -20,7 +21,7 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
     ``foreach``/``fused``/``backend``.
     """
 
-    _kernel = "adagrad"
+    _spec = SPECS["adagrad"]
 
     def __init__(
         self,
@@ -45,9 +46,6 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
         self._init_backend(backend, master_weights, bf16_stochastic_rounding)
-
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("sum",)
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         # torch reads the accumulator's start from the constructor's defaults, not the group.

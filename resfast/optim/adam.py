@@ -9,15 +9,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from resfast.kernels.optim_spec import SPECS
 from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
 class _AdamStep(FusedStep):
-    _kernel = "adam"
+    _spec = SPECS["adam"]
     _sparse_grad_error = "Adam does not support sparse gradients, please consider SparseAdam instead"
-
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)

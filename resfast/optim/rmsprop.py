@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from resfast.kernels.optim_spec import SPECS
 from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
@@ -20,7 +21,7 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
     ``foreach``/``fused``/``backend``.
     """
 
-    _kernel = "rmsprop"
+    _spec = SPECS["rmsprop"]
     _sparse_grad_error = "RMSprop does not support sparse gradients"
 
     def __init__(
@@ -47,13 +48,6 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
             differentiable,
         )  # fmt: skip
         self._init_backend(backend, master_weights, bf16_stochastic_rounding)
-
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return (
-            ("square_avg",)
-            + (("grad_avg",) if group["centered"] else ())
-            + (("momentum_buffer",) if group["momentum"] > 0 else ())
-        )
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from resfast.kernels.optim_spec import SPECS
 from resfast.optim._base import Batch, FusedStep, reject_differentiable
 
 
@@ -20,8 +21,7 @@ class SGD(FusedStep, torch.optim.SGD):
     kernels: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
     """
 
-    _kernel = "sgd"
-    _has_step = False  # torch's SGD keeps no step counter
+    _spec = SPECS["sgd"]
 
     def __init__(
         self,
@@ -46,9 +46,6 @@ class SGD(FusedStep, torch.optim.SGD):
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )  # fmt: skip
         self._init_backend(backend, master_weights, bf16_stochastic_rounding)
-
-    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it: so a
