@@ -364,7 +364,7 @@ def test_a_quiet_narrow_row_is_reliable_and_a_wide_or_loaded_one_is_not():
     )
     assert quiet["reliable"] == "yes"
     assert wide["reliable"] == "no: spread 2102% > 30%"
-    assert loaded["reliable"] == "no: load 2.6 > 2.5 (2 cores + 0.5)"
+    assert loaded["reliable"] == "no: load 2.60 > 2.5 (2 cores + 0.5)"
     # The benchmark's own threads load every core: up to the margin above that is still quiet.
     assert _marked([_timed("resfast-x", 1.0, 0.99, 1.01, load=2.5)])[0]["reliable"] == "yes"
     assert "reliable" not in failed  # never timed: nothing to judge
@@ -377,6 +377,11 @@ def test_a_speedup_over_a_wide_baseline_is_unreliable():
     summary = table.summary_table([baseline, fast], table.Summary(("path",), table.ms_pct_cell))
     assert "31.4" not in summary and "unreliable (resfast-x: baseline torch-a spread" in summary
     assert "2 of 2 timed rows unreliable" in summary
+    # With a reliable resfast row beside it, the best reliable speed-up is the one shown.
+    steady = _timed("resfast-y", 2.0, 1.9, 2.1)
+    rows = _marked([_timed("torch-a", 1.0, 0.95, 1.05), _timed("resfast-x", 0.1, 0.05, 0.2), steady])
+    summary = table.summary_table(rows, table.Summary(("path",), table.ms_pct_cell))
+    assert "0.50x (resfast-y vs torch-a)" in summary and "10.00x" not in summary
     cells = table.format_table([fast], [table.speedup_column(), table.ms_column()])
     assert "| ? | 0.136 (0.13-0.14) |" in cells  # the measurement stays, the speed-up does not
 

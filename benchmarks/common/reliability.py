@@ -56,7 +56,7 @@ def _load_problem(row: Mapping[str, Any], ncores: int) -> str | None:
     load = num(row, "load")
     limit = ncores + LOAD_MARGIN
     return (
-        f"load {load:.1f} > {limit:g} ({ncores} cores + {LOAD_MARGIN:g})"
+        f"load {load:.2f} > {limit:g} ({ncores} cores + {LOAD_MARGIN:g})"
         if load is not None and load > limit
         else None
     )
