@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _needs_gpu(item):
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dynamo_per_module():
+    """torch.compile's caches are per process and count recompiles per code object (limit 8): a
+    module that compiles optimizer steps must not leave another module at that limit."""
+    yield
+    import torch
+
+    torch._dynamo.reset()
