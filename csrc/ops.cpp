@@ -33,6 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             std::to_string(TORCH_VERSION_PATCH);
   m.def("layouts_fit", &resfast::layouts_fit,
         "Per row (a param, then its grad and states): can the fused kernels update it as flat spans?");
+  m.def("grads_fit", &resfast::grads_fit,
+        "Does every grad share its param's dtype, device, shape and strides (and is it strided)?");
   m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
         "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
   // The coefficient columns each op reads, by name, and Adam's weight-decay modes (tests check them

@@ -42,6 +42,16 @@ inline std::vector<bool> layouts_fit(const std::vector<std::vector<at::Tensor>>&
   return fit;
 }
 
+// Are these grads laid out as their params (strided, and sharing dtype, device, shape and strides)? The
+// optimizers' cached step (resfast/optim/_step_cache.py) asks this once per call, for every grad.
+inline bool grads_fit(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
+  if (params.size() != grads.size()) return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (grads[i].layout() != at::kStrided || !same_span(params[i], grads[i])) return false;
+  }
+  return true;
+}
+
 // The ops are public (torch.ops.resfast.*): validate what the kernels assume, with clear errors.
 // `columns`: the op's coefficient count (its Math::kColumns; resfast/kernels/optim_coef.py).
 inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tensor& coef, int64_t columns) {

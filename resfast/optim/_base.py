@@ -23,6 +23,7 @@ from torch import Tensor
 
 from resfast import backends
 from resfast.kernels.optim_spec import OptimizerSpec
+from resfast.optim._step_cache import Batch, StepCache
 
 
 def kernel_module(backend: str) -> ModuleType:
@@ -122,36 +123,8 @@ def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
         torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
 
 
-@dataclass
-class Batch:
-    """What one kernel call updates: the tensors as the kernels see them (local shards, real views)."""
-
-    owners: list[Tensor]  # the params themselves: keys of the optimizer's state
-    params: list[Tensor]
-    grads: list[Tensor]
-    states: dict[str, list[Tensor]]
-    steps: list[Tensor]
-    fresh: list[bool]  # per param: were its states created for this step (SGD's momentum starts)
-    extra: dict[str, Any]  # grad_scale, found_inf, master_params, stochastic_seed: kernel keywords
-
-    def optional(self, key: str) -> list[Tensor | None]:
-        """An optional state's list (None per param when the option is off)."""
-        return self.states.get(key, [None] * len(self.params))
-
-
 # Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
-
-
-@dataclass
-class _Side:
-    """The params of a bucket that one backend updates: their states, whether those were just created,
-    and their rows (the tensors as the kernels see them: param, grad, then the states in kernel order)."""
-
-    owners: list[Tensor]
-    states: list[dict[str, Any]]
-    fresh: list[bool]
-    rows: list[list[Tensor]]
 
 
 @dataclass
@@ -170,7 +143,8 @@ class FusedStep:
     - ``_new_state(group, param, key)``: a fresh state tensor, as torch would create it;
     - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported, as
       by torch's SGD and Adagrad, and run on the reference backend);
-    - ``_update(fn, group, batch)``: call kernel `fn` on a :class:`Batch`.
+    - ``_update(fn, group, batch, extra)``: call kernel `fn` on a :class:`Batch`, with the keywords
+      `extra` (grad_scale, found_inf, master_params, stochastic_seed).
     """
 
     _sparse_grad_error: str | None = None
@@ -213,6 +187,7 @@ class FusedStep:
             # replace the state before it finds, say, a missing `step`).
             self._check_loaded_state(state["state"], state["param_groups"])
         super().__setstate__(state)  # type: ignore[misc]
+        self._step_cache().clear()  # the states (and, unpickled, the params) are other tensors now
         # Unpickling brings the options; load_state_dict also lands here, without them: keep ours.
         self._init_backend(**(state.get("resfast_options") or self._options()))
 
@@ -351,16 +326,10 @@ class FusedStep:
             state["master_param"] = p.detach().to(torch.float32, copy=True)  # same strides as p
         return created
 
-    def _run(
-        self,
-        group: dict[str, Any],
-        bucket: _Bucket,
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-        seed: int | None,
-    ) -> None:
-        """Create missing state, then update the bucket: its params on its backend, except those whose
-        layout a flat kernel cannot take (see fast_layout), which go to the reference."""
+    def _batches(self, group: dict[str, Any], bucket: _Bucket) -> list[Batch]:
+        """Create missing state, then split the bucket into kernel calls: its params on its backend,
+        except those whose layout a flat kernel cannot take (see fast_layout), which go to the
+        reference."""
         keys = self._state_keys(group)
         master = bucket.mode == MASTER
         # SGD without momentum: torch keeps no state at all, not even an empty entry per param.
@@ -383,47 +352,45 @@ class FusedStep:
             for i, p in enumerate(bucket.params):
                 m = states[i]["master_param"]
                 fits[i] = fits[i] and m.shape == p.shape and m.stride() == p.stride()
+        batches = []
         for backend, wanted in ((bucket.backend, True), ("reference", False)):
             picked = [i for i, fit in enumerate(fits) if fit == wanted]
-            if picked:
-                side = _Side(
+            if not picked:
+                continue
+            picked_states = [states[i] for i in picked]
+            batches.append(
+                Batch(
+                    backend=backend,
+                    mode=bucket.mode,
                     owners=[bucket.params[i] for i in picked],
-                    states=[states[i] for i in picked],
+                    state_dicts=picked_states,
+                    params=[rows[i][0] for i in picked],
+                    grads=[rows[i][1] for i in picked],
+                    states={k: [rows[i][2 + j] for i in picked] for j, k in enumerate(keys)},
+                    steps=[s["step"] for s in picked_states] if self._has_step else [],
+                    masters=[_kernel_view(s["master_param"]) for s in picked_states] if master else None,
                     fresh=[fresh[i] for i in picked],
-                    rows=[rows[i] for i in picked],
                 )
-                self._update_side(backend, group, bucket.mode, keys, side, grad_scale, found_inf, seed)
+            )
+        return batches
 
-    def _update_side(
+    def _launch(
         self,
-        backend: str,
         group: dict[str, Any],
-        mode: str | None,
-        keys: tuple[str, ...],
-        side: _Side,
+        batch: Batch,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         seed: int | None,
     ) -> None:
-        steps = [state["step"] for state in side.states] if self._has_step else []
-        if steps:
-            _count_steps(steps, found_inf)
-        masters = [_kernel_view(state["master_param"]) for state in side.states] if mode == MASTER else None
-        batch = Batch(
-            owners=side.owners,
-            params=[row[0] for row in side.rows],
-            grads=[row[1] for row in side.rows],
-            states={k: [row[2 + i] for row in side.rows] for i, k in enumerate(keys)},
-            steps=steps,
-            fresh=side.fresh,
-            extra={
-                "grad_scale": grad_scale,
-                "found_inf": found_inf,
-                "master_params": masters,
-                "stochastic_seed": seed if mode == STOCHASTIC else None,
-            },
-        )
-        self._update(getattr(kernel_module(backend), self._spec.op), group, batch)
+        if batch.steps:
+            _count_steps(batch.steps, found_inf)
+        extra = {
+            "grad_scale": grad_scale,
+            "found_inf": found_inf,
+            "master_params": batch.masters,
+            "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
+        }
+        self._update(getattr(kernel_module(batch.backend), self._spec.op), group, batch, extra)
 
     _spec: OptimizerSpec
 
@@ -436,7 +403,7 @@ class FusedStep:
         return self._spec.state_keys(group)
 
     _new_state: Callable[[dict[str, Any], Tensor, str], Tensor]
-    _update: Callable[[Callable[..., None], dict[str, Any], Batch], None]
+    _update: Callable[[Callable[..., None], dict[str, Any], Batch, dict[str, Any]], None]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -451,7 +418,17 @@ class FusedStep:
             (check or self._cuda_graph_capture_health_check)()  # type: ignore[attr-defined]
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        plans = [self._plan(group) for group in self.param_groups]
+        # Phase 1, before anything changes: each group's kernel calls of its last step when they still
+        # hold (resfast/optim/_step_cache.py), else its plan, which validates the group.
+        # Nothing is cached while torch.compile traces the step: the traced graph is the reuse there.
+        cache = None if torch.compiler.is_compiling() else self._step_cache()
+        plans: list[list[Batch] | list[_Bucket]] = []
+        for group in self.param_groups:
+            batches = None
+            if cache is not None:
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                batches = cache.calls(group, with_grad, self._state_keys(group), self.state)
+            plans.append(batches if batches is not None else self._plan(group))
         # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
         # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
         seed = int(torch.randint(0, 2**30, ()).item()) if self.bf16_stochastic_rounding else None
@@ -462,16 +439,33 @@ class FusedStep:
             # would make dynamo compile every function the update calls as a frame of its own (per
             # parameter: warnings, then its recompile limit).
             update = torch.compiler.disable(update)
-        update(plans, grad_scale, found_inf, seed)
+        update(plans, cache, grad_scale, found_inf, seed)
         return loss
 
     def _update_all(
         self,
-        plans: list[list[_Bucket]],
+        plans: list[list[Batch] | list[_Bucket]],
+        cache: StepCache | None,
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         seed: int | None,
     ) -> None:
-        for group, buckets in zip(self.param_groups, plans, strict=True):
-            for bucket in buckets:
-                self._run(group, bucket, grad_scale, found_inf, seed)
+        for group, plan in zip(self.param_groups, plans, strict=True):
+            planned = bool(plan) and isinstance(plan[0], _Bucket)
+            batches = [b for bucket in plan for b in self._batches(group, bucket)] if planned else plan
+            for batch in batches:
+                self._launch(group, batch, grad_scale, found_inf, seed)
+            if planned and cache is not None:
+                with_grad = [p for p in group["params"] if p.grad is not None]
+                cache.keep(group, with_grad, self._state_keys(group), self.state, batches)
+
+    def _step_cache(self) -> StepCache:
+        # Created on first use: torch's __init__ adds the param groups before resfast's options exist.
+        cache = self.__dict__.get("_steps")
+        if cache is None:
+            cache = self.__dict__["_steps"] = StepCache()
+        return cache
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        self._step_cache().clear()

@@ -53,9 +53,11 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
         value = complex(init, init) if p.is_complex() else init
         return torch.full_like(p, value, memory_format=torch.preserve_format)
 
-    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
+    def _update(
+        self, fn: Callable[..., None], group: dict[str, Any], b: Batch, extra: dict[str, Any]
+    ) -> None:
         fn(
             b.params, b.grads, b.states["sum"], b.steps,
             lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=group["maximize"], **b.extra,
+            eps=group["eps"], maximize=group["maximize"], **extra,
         )  # fmt: skip

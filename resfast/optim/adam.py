@@ -20,14 +20,16 @@ class _AdamStep(FusedStep):
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
+    def _update(
+        self, fn: Callable[..., None], group: dict[str, Any], b: Batch, extra: dict[str, Any]
+    ) -> None:
         beta1, beta2 = group["betas"]
         fn(
             b.params, b.grads, b.states["exp_avg"], b.states["exp_avg_sq"], b.optional("max_exp_avg_sq"),
             b.steps,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)), **b.extra,
+            decoupled_weight_decay=group.get("decoupled_weight_decay", isinstance(self, AdamW)), **extra,
         )  # fmt: skip
 
 

@@ -52,10 +52,12 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
+    def _update(
+        self, fn: Callable[..., None], group: dict[str, Any], b: Batch, extra: dict[str, Any]
+    ) -> None:
         fn(
             b.params, b.grads, b.states["square_avg"], b.optional("grad_avg"), b.optional("momentum_buffer"),
             b.steps,
             lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"], **b.extra,
+            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"], **extra,
         )  # fmt: skip

@@ -54,8 +54,10 @@ class SGD(FusedStep, torch.optim.SGD):
             return torch.zeros_like(p.grad)
         return torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, fn: Callable[..., None], group: dict[str, Any], b: Batch) -> None:
-        found_inf = b.extra["found_inf"]
+    def _update(
+        self, fn: Callable[..., None], group: dict[str, Any], b: Batch, extra: dict[str, Any]
+    ) -> None:
+        found_inf = extra["found_inf"]
         if any(b.fresh) and found_inf is not None and found_inf.item():
             # A skipped first step must leave no buffer behind, so the next one starts from the grad
             # as torch's does. This host sync happens only on a buffer's first step.
@@ -66,5 +68,5 @@ class SGD(FusedStep, torch.optim.SGD):
         fn(
             b.params, b.grads, b.optional("momentum_buffer"), b.fresh,
             lr=group["lr"], weight_decay=group["weight_decay"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], **b.extra,
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], **extra,
         )  # fmt: skip

@@ -1,0 +1,170 @@
+"""A param group's kernel calls, kept from one step to the next.
+
+Planning a step (bucketing params by device and dtype, choosing backends, creating and collecting
+states, checking every tensor's layout) costs Python time per parameter, and on a GPU that host time,
+not the kernels, bounds an optimizer step. Between steps almost nothing of it changes: only the grads
+are new tensors (``zero_grad(set_to_none=True)``). So the optimizer keeps the kernel calls of each
+group's last step and, at the next one, reuses them with the new grads after cheap checks:
+
+- the same params have grads, in the same order (identities), and each still has the address it had
+  (``p.data = ...``, ``model.to(dtype)`` or a move give it another);
+- the group's options still select the same state tensors, and its ``capturable`` flag is unchanged;
+- the optimizer's state is the same dict, with the same per-param dicts, each holding the same state
+  tensors (identity checks, at C speed);
+- every grad of a fast call has its param's dtype, device, shape and strides (one native check per
+  call), and no grad of a reference call is sparse.
+
+Anything else plans the step afresh, which also refreshes the cache. ``load_state_dict`` (through
+``__setstate__``) and ``add_param_group`` empty it. Only steps that created no state are kept (SGD
+deletes the momentum buffers of a first step that GradScaler skips), and only for plain tensors
+(DTensor shards and complex views are re-derived each step). The optimizer bypasses the cache while
+torch.compile traces its step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from resfast import backends
+
+
+@dataclass
+class Batch:
+    """One kernel call: its backend and low-precision mode, and its tensors as the kernels see them
+    (local shards of DTensors, real views of complex tensors)."""
+
+    backend: str
+    mode: str | None  # resfast.optim._base.MASTER, STOCHASTIC or None
+    owners: list[Tensor]  # the params themselves: keys of the optimizer's state
+    state_dicts: list[dict[str, Any]]  # their states (SGD deletes a skipped first step's buffers)
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: dict[str, list[Tensor]]  # per state key, in kernel order
+    steps: list[Tensor]
+    masters: list[Tensor] | None  # fp32 master copies (mode MASTER)
+    fresh: list[bool]  # per param: were its states created for this step (SGD's momentum starts)
+
+    def optional(self, key: str) -> list[Tensor | None]:
+        """An optional state's list (None per param when the option is off)."""
+        return self.states.get(key, [None] * len(self.params))
+
+
+def grads_fit(params: list[Tensor], grads: list[Tensor]) -> bool:
+    """Is every grad strided and laid out as its param (dtype, device, shape, strides)?"""
+    ext = backends.native_extension()[0]
+    if ext is not None:
+        return ext.grads_fit(params, grads)
+    return all(
+        not g.is_sparse and g.dtype == p.dtype and g.device == p.device and g.shape == p.shape
+        and (g.stride() == p.stride() or p.numel() <= 1)
+        for p, g in zip(params, grads, strict=True)
+    )  # fmt: skip
+
+
+@dataclass
+class _Entry:
+    group: dict[str, Any]
+    ids: tuple[int, ...]  # the params with grads, in order
+    addresses: list[int]
+    keys: tuple[str, ...]
+    capturable: bool
+    state: int  # the optimizer's state dict (identity)
+    state_values: list[dict[str, Any]]  # its per-param dicts, in order
+    # Every state tensor the calls use, as (its param's dict, key, tensor) in three flat lists.
+    dicts: list[dict[str, Any]]
+    keys_used: list[str]
+    tensors: list[Tensor]
+    calls: list[tuple[Batch, list[int]]]  # each call, and where its params are among `ids`
+
+
+class StepCache:
+    """The kernel calls of each param group's last step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _Entry] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def calls(
+        self, group: dict[str, Any], with_grad: list[Tensor], keys: tuple[str, ...], state: dict
+    ) -> list[Batch] | None:
+        """The group's kernel calls for this step with its current grads, or None to plan afresh."""
+        entry = self._entries.get(id(group))
+        if (
+            entry is None
+            or entry.group is not group
+            or entry.ids != tuple(map(id, with_grad))
+            or entry.keys != keys
+            or entry.capturable != bool(group.get("capturable"))
+            or entry.state != id(state)
+            or entry.addresses != [p.data_ptr() for p in with_grad]
+        ):
+            return None
+        # The same per-param state dicts, each still holding the same tensors (the user may assign a
+        # new state tensor, or a new dict): identity checks at C speed, no per-tensor Python code.
+        values = list(state.values())
+        if len(values) != len(entry.state_values) or not all(map(operator.is_, values, entry.state_values)):
+            return None
+        if not all(map(operator.is_, map(dict.get, entry.dicts, entry.keys_used), entry.tensors)):
+            return None
+        grads = [p.grad for p in with_grad]
+        calls = []
+        for call, positions in entry.calls:
+            call_grads = grads if len(positions) == len(grads) else [grads[i] for i in positions]
+            if call.backend == "reference":
+                if any(g.is_sparse for g in call_grads):
+                    return None
+            elif not grads_fit(call.params, call_grads):
+                return None
+            calls.append(dataclasses.replace(call, grads=call_grads))
+        return calls
+
+    def keep(
+        self,
+        group: dict[str, Any],
+        with_grad: list[Tensor],
+        keys: tuple[str, ...],
+        state: dict,
+        calls: list[Batch],
+    ) -> None:
+        """Keep a step's calls for the next step, when they may be reused (module docstring). A group
+        planned afresh always drops what was kept for it: the plan may have replaced its states."""
+        self._entries.pop(id(group), None)
+        if any(any(call.fresh) for call in calls):
+            return
+        if any(g.is_sparse for call in calls if call.backend == "reference" for g in call.grads):
+            return
+        plain = (Tensor, torch.nn.Parameter)
+        if any(type(p) not in plain or p.is_complex() for p in with_grad):
+            return
+        used = [
+            (d, key, t)
+            for call in calls
+            for key, tensors in (
+                *call.states.items(),
+                ("step", call.steps),
+                ("master_param", call.masters or []),
+            )
+            for d, t in zip(call.state_dicts, tensors, strict=False)
+        ]
+        position = {id(p): i for i, p in enumerate(with_grad)}
+        self._entries[id(group)] = _Entry(
+            group=group,
+            ids=tuple(map(id, with_grad)),
+            addresses=[p.data_ptr() for p in with_grad],
+            keys=keys,
+            capturable=bool(group.get("capturable")),
+            state=id(state),
+            state_values=list(state.values()),
+            dicts=[d for d, _, _ in used],
+            keys_used=[key for _, key, _ in used],
+            tensors=[t for _, _, t in used],
+            calls=[(call, [position[id(p)] for p in call.owners]) for call in calls],
+        )

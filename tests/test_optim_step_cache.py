@@ -1,0 +1,187 @@
+"""The step cache (resfast/optim/_step_cache.py) never serves a stale tensor.
+
+Each scenario changes something between steps that the cached kernel calls depend on, runs the same
+sequence through torch.optim (foreach=False) and through resfast, and compares every param and state
+after every step (tolerance as in test_optim_hardening: 1e-5 of the magnitude, far below what an
+update of the wrong tensor, a missed update or a stale state produces). A spy checks that steps where
+nothing changed do reuse the cache, so the scenarios exercise it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import resfast.optim
+from tests.optim_cases import backend_params
+from tests.optim_helpers import state_tensors
+
+TORCH_RTOL = 1e-5
+# One case per optimizer, with the options that give it the most state.
+CASES = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}),
+    ("RMSprop", {"lr": 0.01, "centered": True, "momentum": 0.5}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01}),
+    ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01}),
+    ("AdamW", {"lr": 0.01}),
+]
+BACKENDS = [b for b in backend_params() if b.values[0] in ("cpu", "reference")]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _grads(model: nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(5, 4, generator=gen)
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+
+
+def _snapshot(opt, params) -> list[tuple[str, torch.Tensor]]:
+    return [(label, t.detach().clone()) for label, t in state_tensors(opt, params)]
+
+
+def _trajectory(impl: str, name: str, kwargs: dict, backend: str, event: Callable, steps: int = 6):
+    model = _model()
+    params = list(model.parameters())
+    extra = {"backend": backend} if impl == "resfast" else {"foreach": False}
+    opt = getattr(resfast.optim if impl == "resfast" else torch.optim, name)(params, **extra, **kwargs)
+    snapshots = []
+    for step in range(steps):
+        _grads(model, step)
+        event(step, model, opt)
+        opt.step()
+        params = [p for group in opt.param_groups for p in group["params"]]
+        snapshots.append(_snapshot(opt, params))
+    return snapshots, opt, model
+
+
+def _assert_same(theirs: list, ours: list) -> None:
+    for step, (want_now, mine_now) in enumerate(zip(theirs, ours, strict=True)):
+        assert [label for label, _ in mine_now] == [label for label, _ in want_now], f"step {step}"
+        for (label, want), (_, mine) in zip(want_now, mine_now, strict=True):
+            if label.endswith(".step"):
+                assert mine.item() == want.item(), f"step {step}: {label}"
+                continue
+            atol = TORCH_RTOL * max(want.abs().max().item() if want.numel() else 0.0, 1.0)
+            torch.testing.assert_close(mine, want, rtol=0, atol=atol, msg=f"step {step}: {label}")
+
+
+def _replace_storage(step, model, opt):
+    """p.data = a copy: the param keeps its identity, its storage is new (the old one must not move)."""
+    if step == 2:
+        for p in model.parameters():
+            p.data = p.data.clone()
+
+
+def _cast_round_trip(step, model, opt):
+    """model.double().float(), as a user casting for an evaluation would: every param gets new storage."""
+    if step == 2:
+        model.double().float()
+
+
+def _some_grads_none(step, model, opt):
+    if step in (2, 3):
+        model[0].weight.grad = None
+    if step == 4:
+        model[2].bias.grad = None
+
+
+def _transposed_grad(step, model, opt):
+    """A grad with other strides than its param: the fast kernel cannot take it this step."""
+    if step == 3:
+        g = model[0].weight.grad
+        model[0].weight.grad = g.t().contiguous().t()
+
+
+def _add_group(step, model, opt):
+    if step == 2:
+        extra = nn.Parameter(torch.linspace(-1, 1, 7))
+        model.register_parameter("extra", extra)
+        opt.add_param_group({"params": [extra]})
+    if step >= 2:
+        model.extra.grad = torch.full_like(model.extra, 0.1 * step)
+
+
+def _reload_state(step, model, opt):
+    """load_state_dict of an earlier snapshot: every state tensor is replaced."""
+    if step == 1:
+        opt.saved = copy.deepcopy(opt.state_dict())
+    if step == 3:
+        opt.load_state_dict(opt.saved)
+
+
+def _clear_state(step, model, opt):
+    if step == 3:
+        opt.state.clear()
+
+
+def _change_options(step, model, opt):
+    """Options that drop a state tensor from the update (torch cannot add one mid-run) switched off."""
+    if step == 3:
+        for group in opt.param_groups:
+            for key, off in (("amsgrad", False), ("centered", False), ("momentum", 0.0)):
+                if key in group:
+                    group[key] = off
+
+
+def _assign_state(step, model, opt):
+    """A state tensor replaced by assignment, and a param's whole state dict replaced by a copy."""
+    if step == 2:
+        p = model[0].weight
+        key = next(k for k in sorted(opt.state[p]) if k != "step")
+        opt.state[p][key] = opt.state[p][key].clone() * 0.5
+    if step == 4:
+        p = model[2].bias
+        opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
+
+
+SCENARIOS = {
+    "replace-storage": _replace_storage,
+    "cast-round-trip": _cast_round_trip,
+    "some-grads-none": _some_grads_none,
+    "transposed-grad": _transposed_grad,
+    "add-param-group": _add_group,
+    "load-state-dict": _reload_state,
+    "state-cleared": _clear_state,
+    "options-changed": _change_options,
+    "state-assigned": _assign_state,
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=[name for name, _ in CASES])
+def test_changes_between_steps_are_seen(case, backend, scenario):
+    name, kwargs = case
+    event = SCENARIOS[scenario]
+    theirs, *_ = _trajectory("torch", name, kwargs, backend, event)
+    ours, *_ = _trajectory("resfast", name, kwargs, backend, event)
+    _assert_same(theirs, ours)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[name for name, _ in CASES])
+def test_unchanged_steps_reuse_the_cache(case, monkeypatch):
+    """From the second step on (the first creates the states), a step that changes nothing plans
+    nothing; replacing a param's storage makes the next step plan again."""
+    name, kwargs = case
+    model = _model()
+    opt = getattr(resfast.optim, name)(model.parameters(), **kwargs)
+    planned = []
+    plan = type(opt)._plan
+    monkeypatch.setattr(type(opt), "_plan", lambda self, group: planned.append(1) or plan(self, group))
+    for step in range(5):
+        _grads(model, step)
+        if step == 3:
+            model[0].weight.data = model[0].weight.data.clone()
+        opt.step()
+    # Step 0 (which creates the states: its plan is not kept), 1 and 3 (new storage); torch's Adagrad
+    # creates its states in its constructor, so its first plan is kept already.
+    assert len(planned) == (2 if name == "Adagrad" else 3)
