@@ -18,11 +18,23 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "BackendUnavailable", "Info", "choose", "info", "validate"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "KERNELS",
+    "BackendUnavailable",
+    "Info",
+    "choose",
+    "implementing",
+    "info",
+    "kernel_module",
+    "validate",
+]
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 # The fused kernels compute in fp32 and store in these dtypes; anything else runs on `reference`.
@@ -32,6 +44,63 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION_BACKENDS = ("triton", "reference")
 # The environment variable that overrides `auto`.
 ENV_VAR = "RESFAST_BACKEND"
+
+
+# The kernels of each op family, per backend that implements it: `{op: {backend: loader}}`, the one
+# table the optimizers, the fused BN, the training script and `info()` read. A loader imports its
+# module on first use with an import statement (torch.compile runs those while it traces; it cannot
+# trace importlib), so importing resfast never imports Triton or the native extension.
+def _reference_optim() -> ModuleType:
+    from resfast.kernels import reference_optim
+
+    return reference_optim
+
+
+def _triton_optim() -> ModuleType:
+    from resfast.kernels import triton_optim
+
+    return triton_optim
+
+
+def _native_optim() -> ModuleType:
+    from resfast.kernels import cext
+
+    return cext
+
+
+def _reference_bn() -> ModuleType:
+    from resfast.kernels import reference_bn
+
+    return reference_bn
+
+
+def _triton_bn() -> ModuleType:
+    from resfast.kernels import triton_bn
+
+    return triton_bn
+
+
+KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
+    # Same functions with the same signatures in every module: sgd, rmsprop, adagrad, adam.
+    "optimizer": {
+        "reference": _reference_optim,
+        "triton": _triton_optim,
+        "cpu": _native_optim,
+        "cuda": _native_optim,
+    },
+    # batch_stats, forward, backward, grad_input. The native extension has no BN kernels yet.
+    "batch_norm_add_relu": {"reference": _reference_bn, "triton": _triton_bn},
+}
+
+
+def implementing(op: str) -> tuple[str, ...]:
+    """The backends that have kernels for `op` (a key of KERNELS), in BACKENDS order."""
+    return tuple(b for b in BACKENDS[1:] if b in KERNELS[op])
+
+
+def kernel_module(op: str, backend: str) -> ModuleType:
+    """The kernel module of `op` for an available `backend` (see `choose`), imported on first use."""
+    return KERNELS[op][backend]()
 
 
 class BackendUnavailable(RuntimeError):
@@ -199,10 +268,10 @@ def _describe_extension() -> str:
 def info() -> Info:
     """What each backend can run here (on the CPU, and on CUDA if a GPU is present) for each op, why
     not otherwise, and what `auto` picks. Printed, it is a table: ``print(resfast.backends.info())``."""
-    # The fused BN's kernel table lives with the op; imported here, on demand (it registers the ops).
-    from resfast.nn import functional
-
-    ops = {"optimizers": BACKENDS[1:], "batch_norm_add_relu": tuple(functional._KERNEL_MODULES)}
+    ops = {
+        "optimizers": implementing("optimizer"),
+        "batch_norm_add_relu": implementing("batch_norm_add_relu"),
+    }
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))

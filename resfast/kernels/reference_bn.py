@@ -25,11 +25,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["backward", "batch_stats", "forward", "grad_input", "update_running_stats"]
+__all__ = ["backward", "batch_stats", "compute_dtype", "forward", "grad_input", "update_running_stats"]
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 ones."""
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the statistics and arithmetic: fp32 for fp32/bf16/fp16 inputs, float64 for float64
+    ones (every backend and the op's fake implementations use this)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
@@ -65,7 +66,7 @@ def batch_stats(
 ) -> tuple[Tensor, Tensor]:
     """(mean, var): x's batch mean and biased variance per channel, in the compute dtype. Running
     stats, when given, are updated in place (with the unbiased variance)."""
-    var, mean = torch.var_mean(x.to(_compute_dtype(x)), _reduce_dims(x), correction=0)
+    var, mean = torch.var_mean(x.to(compute_dtype(x)), _reduce_dims(x), correction=0)
     if running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     return mean, var
@@ -83,7 +84,7 @@ def forward(
     """y = relu((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's dtype and layout
     (`torch.empty_like(x)`'s strides, whatever the residual's). mean and var are the batch's
     (training, from `batch_stats`) or the running stats (eval)."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     z, _ = _normalized(x, mean, var, eps)
     if weight is not None:
         z = z * _per_channel(weight.to(ct), x)
@@ -111,7 +112,7 @@ def backward(
     and dbias are per-channel sums in the compute dtype (the caller casts them to the parameters'
     dtypes).
     """
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     dz = torch.where(y > 0, dy, 0).to(ct)
     xhat, invstd = _normalized(x, mean, var, eps)
     dims = _reduce_dims(x)
@@ -160,7 +161,7 @@ def _grad_input(
 
 def _normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(xhat, invstd) in the compute dtype."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     invstd = torch.rsqrt(var.to(ct) + eps)
     return (x.to(ct) - _per_channel(mean.to(ct), x)) * _per_channel(invstd, x), invstd
 

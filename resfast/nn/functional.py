@@ -3,11 +3,14 @@
 The kernels live in `resfast.kernels.reference_bn` (the specification) and
 `resfast.kernels.triton_bn`; the latter is imported only when the triton backend is chosen, so
 importing this module never imports Triton.
+
+`batch_norm_add_relu` is the public function. `check_rank`, `check_inputs`, `select_backend`,
+`apply_checked` and `kernels` are its steps, shared with the modules (`resfast.nn.modules`,
+`resfast.nn.sync`), which check once and then apply.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from types import ModuleType
@@ -19,15 +22,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from resfast import backends
+from resfast.kernels import reference_bn
 
 __all__ = ["batch_norm_add_relu"]
 
-# The kernel module of each backend that implements this op. The native extension (`cuda`, `cpu`)
-# has none yet.
-_KERNEL_MODULES = {"reference": "resfast.kernels.reference_bn", "triton": "resfast.kernels.triton_bn"}
 
-
-def _check_rank(x: Tensor) -> None:
+def check_rank(x: Tensor) -> None:
     if x.dim() not in (2, 3, 4):
         raise ValueError(
             f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input "
@@ -67,7 +67,7 @@ def _check_residual(residual: Tensor | None, x: Tensor) -> None:
         )
 
 
-def _check_inputs(
+def check_inputs(
     x: Tensor,
     residual: Tensor | None,
     running_mean: Tensor | None,
@@ -78,7 +78,7 @@ def _check_inputs(
     eps: float,
 ) -> None:
     """Every error the op can raise about its inputs, raised before anything is modified."""
-    _check_rank(x)
+    check_rank(x)
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype}")
     _check_residual(residual, x)
@@ -96,24 +96,20 @@ def _check_inputs(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
-def _select_backend(x: Tensor, backend: str) -> str:
+def select_backend(x: Tensor, backend: str) -> str:
     """The backend that runs x for the requested one (errors say why one cannot)."""
     return backends.choose(
         x.device,
         x.dtype,
         backends.validate(backend),
-        implemented=tuple(_KERNEL_MODULES),
+        implemented=backends.implementing("batch_norm_add_relu"),
         op="batch_norm_add_relu",
     )
 
 
-def _kernels(backend: str) -> ModuleType:
-    return importlib.import_module(_KERNEL_MODULES[backend])
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The statistics' dtype: fp32 for fp32/bf16/fp16 inputs, float64 for float64 ones."""
-    return torch.promote_types(x.dtype, torch.float32)
+def kernels(backend: str) -> ModuleType:
+    """The BN kernel module of an available backend."""
+    return backends.kernel_module("batch_norm_add_relu", backend)
 
 
 # -- the op: kernels behind torch.library custom ops, and an eager fast path -----------------------
@@ -134,7 +130,7 @@ def _stats(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     """(mean, biased var) of the batch per channel, in the compute dtype; running stats updated."""
-    return _kernels(backend).batch_stats(x, running_mean, running_var, momentum)
+    return kernels(backend).batch_stats(x, running_mean, running_var, momentum)
 
 
 def _forward(
@@ -150,7 +146,7 @@ def _forward(
 ) -> Tensor:
     """y normalised with (mean, var); `training` says they are x's own batch statistics, which the
     backward then differentiates through."""
-    return _kernels(backend).forward(x, residual, weight, bias, mean, var, eps)
+    return kernels(backend).forward(x, residual, weight, bias, mean, var, eps)
 
 
 def _backward_kernels(
@@ -166,7 +162,7 @@ def _backward_kernels(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dweight, dbias); dx is empty when not needed (an op cannot return None)."""
-    dx, dz, dweight, dbias = _kernels(backend).backward(dy, x, y, weight, mean, var, eps, training, need_dx)
+    dx, dz, dweight, dbias = kernels(backend).backward(dy, x, y, weight, mean, var, eps, training, need_dx)
     return x.new_empty(0) if dx is None else dx, dz, dweight, dbias
 
 
@@ -177,7 +173,7 @@ _bn_add_relu_bwd = torch.library.custom_op("resfast::bn_add_relu_bwd", _backward
 
 @_bn_stats.register_fake
 def _(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float, backend: str):
-    mean = x.new_empty(x.shape[1], dtype=_compute_dtype(x))
+    mean = x.new_empty(x.shape[1], dtype=reference_bn.compute_dtype(x))
     return mean, torch.empty_like(mean)
 
 
@@ -189,7 +185,7 @@ def _(x: Tensor, *args: Any) -> Tensor:
 @_bn_add_relu_bwd.register_fake
 def _(dy: Tensor, x: Tensor, y: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float,
       training: bool, need_dx: bool, backend: str):  # fmt: skip
-    dweight = x.new_empty(x.shape[1], dtype=_compute_dtype(x))
+    dweight = x.new_empty(x.shape[1], dtype=reference_bn.compute_dtype(x))
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(x), dweight, torch.empty_like(dweight)
 
@@ -252,7 +248,7 @@ def _eager_stats(
     return mean, var
 
 
-def _apply(
+def apply_checked(
     backend: str,
     x: Tensor,
     residual: Tensor | None,
@@ -306,9 +302,9 @@ def batch_norm_add_relu(
     Raises ValueError for a wrong rank, channel count or residual shape/device, TypeError for a
     residual dtype mismatch, before any running stat changes. Double backward is not supported.
     """
-    _check_inputs(x, residual, running_mean, running_var, weight, bias, training, eps)
-    return _apply(
-        _select_backend(x, backend),
+    check_inputs(x, residual, running_mean, running_var, weight, bias, training, eps)
+    return apply_checked(
+        select_backend(x, backend),
         x,
         residual,
         running_mean,

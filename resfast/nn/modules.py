@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast import backends
-from resfast.nn.functional import _apply, _check_inputs, _check_rank, _select_backend
+from resfast.nn.functional import apply_checked, check_inputs, check_rank, select_backend
 
 __all__ = ["BatchNormAddReLU"]
 
@@ -60,7 +60,7 @@ class BatchNormAddReLU(_BatchNorm):
         return fused.train(bn.training)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        _check_rank(input)
+        check_rank(input)
 
     def _momentum(self) -> float:
         """This batch's weight in the running averages; counts the batch, as nn.BatchNorm2d does."""
@@ -76,8 +76,8 @@ class BatchNormAddReLU(_BatchNorm):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        _check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
-        backend = _select_backend(x, self.backend)
+        check_inputs(x, residual, running_mean, running_var, self.weight, self.bias, bn_training, self.eps)
+        backend = select_backend(x, self.backend)
         return self._apply_op(backend, x, residual, running_mean, running_var, bn_training, self._momentum())
 
     def _apply_op(
@@ -92,7 +92,7 @@ class BatchNormAddReLU(_BatchNorm):
     ) -> Tensor:
         """The op on checked inputs (`SyncBatchNormAddReLU` synchronises its statistics here)."""
         args = (x, residual, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
-        return _apply(backend, *args)
+        return apply_checked(backend, *args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend!r}"

@@ -22,7 +22,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast.kernels import reference_bn
-from resfast.nn.functional import _compute_dtype, _kernels
+from resfast.nn import functional
 from resfast.nn.modules import BatchNormAddReLU
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _global_stats(
     if count:
         mean, var = kernels.batch_stats(x, None, None, 0.0)
     else:
-        mean = var = x.new_zeros(x.shape[1], dtype=_compute_dtype(x))
+        mean = var = x.new_zeros(x.shape[1], dtype=reference_bn.compute_dtype(x))
     local = torch.stack([mean, var, torch.full_like(mean, count)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
@@ -72,7 +72,7 @@ class _SyncBatchNormAddReLU(torch.autograd.Function):
         group: ProcessGroup | None,
         backend: str,
     ) -> Tensor:
-        kernels = _kernels(backend)
+        kernels = functional.kernels(backend)
         mean, var, count = _global_stats(kernels, x, group)
         if running_mean is not None and running_var is not None:
             reference_bn.update_running_stats(running_mean, running_var, mean, var, count, momentum)

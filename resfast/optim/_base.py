@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -24,23 +23,6 @@ from torch import Tensor
 from resfast import backends
 from resfast.kernels.optim_spec import OptimizerSpec
 from resfast.optim._step_cache import Batch, StepCache
-
-
-def kernel_module(backend: str) -> ModuleType:
-    """The module of optimizer kernels for an available backend, imported on first use; every module
-    has the same functions with the same signatures.
-
-    Import statements, not importlib: torch.compile runs an import statement when it traces one (it
-    cannot trace importlib), so a step compiled from its very first call has no graph break here."""
-    if backend == "reference":
-        from resfast.kernels import reference_optim as module
-    elif backend == "triton":
-        from resfast.kernels import triton_optim as module
-    elif backend in ("cpu", "cuda"):
-        from resfast.kernels import cext as module
-    else:
-        raise AssertionError(f"no kernel module for backend {backend!r}")
-    return module
 
 
 def reject_differentiable(differentiable: bool) -> None:
@@ -116,7 +98,7 @@ def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     cpu = steps[0].device.type == "cpu" and (found_inf is None or found_inf.device.type == "cpu")
     if cpu and not torch.compiler.is_compiling() and backends.native_extension()[0] is not None:
         # torch's CPU foreach add is a loop of dispatched adds, ~1.3 us per counter.
-        kernel_module("cpu").count_steps(steps, found_inf)
+        backends.kernel_module("optimizer", "cpu").count_steps(steps, found_inf)
         return
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
@@ -390,7 +372,8 @@ class FusedStep:
             "master_params": batch.masters,
             "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
         }
-        self._update(getattr(kernel_module(batch.backend), self._spec.op), group, batch, extra)
+        kernels = backends.kernel_module("optimizer", batch.backend)
+        self._update(getattr(kernels, self._spec.op), group, batch, extra)
 
     _spec: OptimizerSpec
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from resfast import backends
 from resfast.backends import BACKENDS
-from resfast.nn import functional
 
 __all__ = [
     "CIFAR_DEPTHS",
@@ -118,9 +118,9 @@ RESUMABLE_CHANGES = frozenset(
 
 Backend = Literal["auto", "triton", "cuda", "cpu", "reference"]
 assert typing.get_args(Backend) == BACKENDS, "keep Backend in step with resfast.backends.BACKENDS"
-# The fused BatchNorm's backends: those with kernels for it (resfast.nn.functional's table), in
+# The fused BatchNorm's backends: those with kernels for it (resfast.backends.KERNELS), in
 # resfast.backends' order, so a backend that gains BN kernels becomes a choice by itself.
-BN_BACKENDS = ("auto", *(b for b in BACKENDS[1:] if b in functional._KERNEL_MODULES))
+BN_BACKENDS = ("auto", *backends.implementing("batch_norm_add_relu"))
 
 
 @dataclass
