@@ -45,10 +45,10 @@ from benchmarks.common.cli import (
     finish_args,
     result_name,
 )
-from benchmarks.common.context import Context, compile_stats, compiled, optional_attr, resfast_builders
+from benchmarks.common.context import Context, compile_stats, compiled, resfast_builders
 from benchmarks.common.correctness import eps, failures, l2_rel_err
 from benchmarks.common.env import start
-from benchmarks.common.paths import Skip, Trial, release, run_paths
+from benchmarks.common.paths import Trial, release, run_paths
 from benchmarks.common.results import EXIT_INTERRUPTED, Report, StopOnInterrupt
 from benchmarks.common.table import (
     Summary,
@@ -60,6 +60,7 @@ from benchmarks.common.table import (
     status_column,
 )
 from benchmarks.common.timing import Budget, elementwise_bytes
+from resfast.nn.functional import batch_norm_add_relu
 
 MOMENTUM, EPS = 0.1, 1e-5
 
@@ -252,14 +253,11 @@ def _compiled(ctx: Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
 
 
 def _resfast(ctx: Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
-    fused, why = optional_attr("resfast.nn.functional", "batch_norm_add_relu")
-    if fused is None:
-        raise Skip(f"resfast.nn not available: {why}")
     # A backend without BN kernels (the native ones, for now) passes here and says so when called.
     ctx.require_backend(backend, dtype)
 
     def op(x: Tensor, r: Tensor | None, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:
-        return fused(x, r, rm, rv, w, b, True, MOMENTUM, EPS, backend=backend)
+        return batch_norm_add_relu(x, r, rm, rv, w, b, True, MOMENTUM, EPS, backend=backend)
 
     return op, lambda: ""
 
@@ -368,9 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = Context.from_args(args)
-    fused, why = optional_attr("resfast.nn.functional", "batch_norm_add_relu")
-    notes = [] if fused else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
-    env = start(args.device, args.smoke, notes)
+    env = start(args.device, args.smoke, [])
     budget = Budget().smoke() if args.smoke else Budget()
     report = Report(result_name("bn", args), env, args.out, CASE_COLUMNS)
     builders = {name: BUILDERS[name] for name in args.paths or default_paths(tuple(BUILDERS), args.device)}
@@ -386,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         release(args.device)
     shapes = [f"{name}: {SHAPES[name][1]}" for name in args.shape]
     check = "check: every output within 2x eager's own error (relative L2 vs a float64 reference) + a floor"
-    report.finish(TABLE, SUMMARY, CHART, [*notes, *shapes, check])
+    report.finish(TABLE, SUMMARY, CHART, [*shapes, check])
     return EXIT_INTERRUPTED if stop.interrupted else 0
 
 

@@ -49,7 +49,7 @@ from benchmarks.common.cli import (
     finish_args,
     result_name,
 )
-from benchmarks.common.context import Context, compile_stats, compiled, optional_attr, resfast_builders
+from benchmarks.common.context import Context, compile_stats, compiled, resfast_builders
 from benchmarks.common.correctness import eps, failures, max_abs_err
 from benchmarks.common.env import start
 from benchmarks.common.paths import Skip, Trial, release, run_paths
@@ -67,6 +67,7 @@ from benchmarks.common.table import (
 )
 from benchmarks.common.timing import Budget, elementwise_bytes
 from resfast import backends
+from resfast.nn.cifar import resnet20
 
 Shape = tuple[int, ...]
 
@@ -126,25 +127,9 @@ def _torchvision(arch: str) -> ParamSet:
     return ParamSet([tuple(p.shape) for p in model.parameters()], f"torchvision {arch}")
 
 
-def resnet20_shapes() -> list[Shape]:
-    """CIFAR ResNet-20 of He et al. 2016 (section 4.2): a 16-filter 3x3 stem, three stages of three
-    BasicBlocks at 16/32/64 filters, parameter-free (option A) shortcuts, a 64 -> 10 linear layer:
-    59 tensors, 269,722 parameters. Used when resfast.nn.cifar cannot be imported."""
-    shapes: list[Shape] = [(16, 3, 3, 3), (16,), (16,)]
-    cin = 16
-    for width in (16, 32, 64):
-        for _ in range(3):
-            shapes += [(width, cin, 3, 3), (width,), (width,), (width, width, 3, 3), (width,), (width,)]
-            cin = width
-    return [*shapes, (10, 64), (10,)]
-
-
 def _cifar_resnet20() -> ParamSet:
-    build, why = optional_attr("resfast.nn.cifar", "resnet20")
-    if build is None:
-        return ParamSet(resnet20_shapes(), f"local ResNet-20 shape list (resfast.nn.cifar: {why})")
     with torch.device("meta"):
-        model = build()
+        model = resnet20()
     return ParamSet([tuple(p.shape) for p in model.parameters()], "resfast.nn.cifar resnet20")
 
 

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository (benchmarks,
 import resfast.optim
 from benchmarks.common.chart import Chart
 from benchmarks.common.cli import DTYPE_SHORT, base_parser, choice_list, finish_args, result_name
-from benchmarks.common.context import Context, compile_stats, compiled, optional_attr
+from benchmarks.common.context import Context, compile_stats, compiled
 from benchmarks.common.correctness import eps, failures, l2_rel_err
 from benchmarks.common.env import start
 from benchmarks.common.paths import Skip, Trial, release, run_paths
@@ -47,6 +47,7 @@ from benchmarks.common.rows import num
 from benchmarks.common.table import Summary, col, ms_column, note_column, speedup_column, status_column
 from benchmarks.common.timing import Budget
 from resfast.kernels import reference_optim
+from resfast.nn import fuse_resnet
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,6 @@ def build_model(
     model.load_state_dict(weights)
     model = model.to(device, memory_format=torch.channels_last).train()
     if fuse:
-        fuse_resnet, why = optional_attr("resfast.nn", "fuse_resnet")
-        if fuse_resnet is None:
-            raise Skip(f"resfast.nn not available: {why}")
         model = fuse_resnet(model)
     return model
 
@@ -370,9 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context.from_args(args)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as training scripts do; the same for every path
-    fuse, why = optional_attr("resfast.nn", "fuse_resnet")
-    notes = [] if fuse else [f"resfast.nn not available: {why} (timing the PyTorch rows only)"]
-    env = start(args.device, args.smoke, notes)
+    env = start(args.device, args.smoke, [])
     budget = BUDGET[args.device.type].smoke() if args.smoke else BUDGET[args.device.type]
     report = Report(result_name("train", args), env, args.out, CASE_COLUMNS, metrics=("img_s",))
     paths = {name: PATHS[name] for name in args.paths}
@@ -393,7 +389,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         SUMMARY,
         CHART,
         [
-            *notes,
             f"SGD: {sgd}; synthetic fixed batch, channels_last, autocast to dtype "
             f"(fp32: none); cudnn.benchmark on CUDA",
         ],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a machine with a CUDA GPU and torch preinstalled (where nothing else can be
-# installed): build resfast with its CUDA kernels, run the whole test suite with the GPU tests, then
+# installed): build resfast with its CUDA kernels, run the tests that need a GPU, then
 # every benchmark on the GPU; the tables are printed last.
 #
 # Everything lands under $OUT (default gpu-out), written as it goes so that a run cut short keeps
@@ -64,7 +64,14 @@ for step in $STEPS; do
         run install env TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -e .
         run backends "$PY" -c "import resfast.backends as b; b.info()"
         ;;
-    tests) run tests "$PY" -m pytest -q -p no:cacheprovider tests ;;
+    tests)
+        # The tests that need a GPU (marked `gpu` by tests/conftest.py), in parallel where pytest-xdist
+        # is installed; CI runs everything else on the CPU.
+        parallel=()
+        "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+        "$PY" -c "import pytest_timeout" 2>/dev/null && parallel+=(--timeout 300)
+        run tests "$PY" -m pytest -q -p no:cacheprovider -m gpu "${parallel[@]}" tests
+        ;;
     bench) run bench "$PY" benchmarks/run_all.py --device cuda --out "$OUT/results" "$@" ;;
     esac
 done

@@ -264,11 +264,8 @@ def test_parameter_lists():
     assert bench_optim.PARAM_SETS["flat"]().shapes == [(bench_optim.RESNET50_NUMEL,)]
     r18 = bench_optim.PARAM_SETS["resnet18"]()
     assert r18.shapes == [tuple(p.shape) for p in tv.models.resnet18().parameters()]
-    local = bench_optim.resnet20_shapes()
-    assert (len(local), sum(math.prod(s) for s in local)) == (59, 269_722)  # He et al.: 0.27M
-    cifar, _ = context.optional_attr("resfast.nn.cifar", "resnet20")
-    if cifar is not None:
-        assert local == [tuple(p.shape) for p in cifar().parameters()]
+    r20 = bench_optim.PARAM_SETS["cifar-resnet20"]().shapes
+    assert (len(r20), sum(math.prod(s) for s in r20)) == (59, 269_722)  # He et al. 2016: 0.27M
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,14 +57,6 @@ def resfast_builders(build: Callable[..., Any]) -> dict[str, Callable[..., Any]]
     return {
         f"resfast-{b}": functools.partial(build, backend=b) for b in ("cuda", "triton", "cpu", "reference")
     }
-
-
-def optional_attr(module: str, name: str) -> tuple[Any, str | None]:
-    """(module.name, None), or (None, why not): resfast's own parts may not be built or written yet."""
-    try:
-        return getattr(importlib.import_module(module), name), None
-    except Exception as e:  # any failure means the part is absent here; keep the reason to print it
-        return None, f"{type(e).__name__}: {e}"
 
 
 def compiled(fn: Callable) -> Callable:
