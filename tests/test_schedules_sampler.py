@@ -206,7 +206,7 @@ def test_dataloader_with_workers_gets_exact_sizes_despite_prefetching():
         out, ahead = [], 0
         for _ in range(n_epochs):
             for (x,) in loader:
-                ahead = max(ahead, len(plan._drawn))  # batches drawn but not yet trained
+                ahead = max(ahead, len(plan.drawn))  # batches drawn but not yet trained
                 out.append((plan.samples, x.tolist()))
                 plan.step()
                 if len(out) == stop_after:

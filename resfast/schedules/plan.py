@@ -94,8 +94,8 @@ class Plan:
         self.clock = SampleClock()
         #: the batch sampler's settings for the epoch in progress; None before it first draws.
         self.sampler_settings: dict[str, Any] | None = None
-        # Global sizes of the batches the sampler has drawn and training has not stepped past yet.
-        self._drawn: deque[int] = deque()
+        #: global sizes of the batches the sampler has drawn and training has not stepped past yet.
+        self.drawn: deque[int] = deque()
         self._ratios = lr_ratios(optimizer)
         self._write_lr()
 
@@ -146,8 +146,8 @@ class Plan:
         sampler is drawing); a different number given while the sampler is drawing is an error, as the
         clock would then leave the sampler's batches.
         """
-        if self._drawn:
-            drawn = self._drawn.popleft()
+        if self.drawn:
+            drawn = self.drawn.popleft()
             if samples_in_step is not None and samples_in_step != drawn:
                 raise ValueError(
                     f"plan.step({samples_in_step!r}): the batch sampler drew a global batch of {drawn} "
@@ -201,7 +201,7 @@ class Plan:
         load_state_of((self.lr_schedule, self.batch_schedule), state_dict["schedules"])
         self.clock.load_state_dict(state_dict["clock"])
         self.sampler_settings = None if state_dict["sampler"] is None else dict(state_dict["sampler"])
-        self._drawn.clear()
+        self.drawn.clear()
         self._write_lr()
 
     def _write_lr(self) -> None:

@@ -29,16 +29,28 @@ How it stays exact:
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import Sampler
 
 from . import _checks
+from .clock import SampleClock
 
-if TYPE_CHECKING:
-    from .plan import Plan
+
+class BatchPlan(Protocol):
+    """What the sampler needs of its plan (``resfast.schedules.Plan``): the clock, the batch size at a
+    time, the sizes drawn and not yet stepped, and the settings the epoch in progress was drawn with.
+    A protocol, so that this module does not import the plan that builds it."""
+
+    clock: SampleClock
+    drawn: deque[int]
+    sampler_settings: dict[str, Any] | None
+
+    def batch_size_at(self, t: float) -> int: ...
+
 
 __all__ = ["PlanBatchSampler"]
 
@@ -75,7 +87,7 @@ class PlanBatchSampler(Sampler[list[int]]):
 
     def __init__(
         self,
-        plan: Plan,
+        plan: BatchPlan,
         num_samples: int,
         *,
         shuffle: bool = True,
@@ -154,13 +166,13 @@ class PlanBatchSampler(Sampler[list[int]]):
         if new:
             plan.clock.start_epoch(epoch)
             plan.sampler_settings = self.settings
-        plan._drawn.clear()  # batches drawn by an abandoned iteration were never trained
+        plan.drawn.clear()  # batches drawn by an abandoned iteration were never trained
         order = self.order(epoch)
         t = plan.clock.samples
         while size := self._global_size(t, position):
             share, extra = divmod(size, self.world_size)
             lo = position + self.rank * share + min(self.rank, extra)
-            plan._drawn.append(size)
+            plan.drawn.append(size)
             yield order[lo : lo + share + (self.rank < extra)].tolist()
             position += size
             t += size
