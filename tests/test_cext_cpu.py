@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from resfast import backends
-from resfast.optim._base import fast_layout
+from resfast.optim._layout import fast_layout
 
 ext, why = backends.native_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"native extension not built: {why}")

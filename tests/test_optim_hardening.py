@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import resfast.optim
-from resfast.optim._base import fast_layout
+from resfast.optim._layout import fast_layout
 from tests.optim_cases import CASES, OPTIMIZERS, case_id
 from tests.optim_helpers import (
     build,

@@ -7,12 +7,14 @@ first): per param group it gathers the params that have grads, buckets them by (
 backend) and runs ONE kernel call per bucket.
 
 A step runs in two phases so that bad input raises before anything changes: ``_plan`` validates every
-group and chooses backends without touching state; ``_run`` creates missing state and updates.
+group and chooses backends without touching state (or the step cache hands back the group's kernel
+calls of the last step, ``_step_cache.py``); then ``_batches`` creates missing state and splits each
+bucket into kernel calls, and ``_launch`` runs them. The layout rule is ``_layout.py``, checkpoint
+validation ``_checkpoint.py``, each update's contract ``resfast.kernels.optim_spec``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,8 @@ from torch import Tensor
 
 from resfast import backends
 from resfast.kernels.optim_spec import OptimizerSpec
+from resfast.optim._checkpoint import check_loaded_state
+from resfast.optim._layout import PLAIN_TENSOR_TYPES, kernel_view, layouts_fit
 from resfast.optim._step_cache import Batch, StepCache
 
 
@@ -31,66 +35,6 @@ def reject_differentiable(differentiable: bool) -> None:
             "resfast optimizers do not support differentiable=True (their fused update is not "
             "differentiable); use torch.optim with differentiable=True for that"
         )
-
-
-def _kernel_view(t: Tensor) -> Tensor:
-    """The plain tensor a kernel updates in place for t.
-
-    A DTensor (FSDP2's sharded params, their grads and the states created like them) is its local
-    shard: params, grads and states are sharded alike, so the elementwise update of the shards is the
-    update of the whole. Complex tensors update as their real views, as torch.optim does."""
-    # A DTensor exists only once torch.distributed.tensor is imported: no import needed to check.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(t, dtensor.DTensor):
-        t = t.to_local()
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-# Tensors that _kernel_view returns unchanged unless complex: the step skips the call for them (it
-# costs a few hundred ns per tensor, per step). Subclasses such as DTensor go through it.
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
-
-
-def _dense(t: Tensor) -> bool:
-    """True if t's elements fill its memory span exactly (any dim order: contiguous, channels_last...)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape, strict=True) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def fast_layout(param: Tensor, others: list[Tensor]) -> bool:
-    """Can a flat kernel update these tensors elementwise as one memory span each?
-
-    It can when the param is dense and every grad/state has the param's shape, dtype, device and
-    strides, so element k of one span is element k of the others. Anything else (transposed or sliced
-    views, a grad with other strides, a state of another dtype) runs on the reference backend: slower,
-    never wrong. The shape matters even where the strides agree: a kernel given a state with fewer
-    elements than its param would read and write past that state's end."""
-    if param.numel() > 1 and not _dense(param):
-        return False
-    shape, dtype, device, stride = param.shape, param.dtype, param.device, param.stride()
-    return all(
-        t.shape == shape
-        and t.dtype == dtype
-        and t.device == device
-        and (t.stride() == stride or t.numel() <= 1)
-        for t in others
-    )
-
-
-def _layouts_fit(rows: list[list[Tensor]]) -> list[bool]:
-    """fast_layout of each row (a param, then its grad and states), natively where resfast._C is loaded:
-    this runs for every tensor at every step, and costs ~0.4 us per tensor in Python."""
-    # While compiling, dynamo traces the Python rule (it cannot trace a pybind call or an import).
-    ext = None if torch.compiler.is_compiling() else backends.native_extension()[0]
-    if ext is None:
-        return [fast_layout(row[0], row[1:]) for row in rows]
-    return ext.layouts_fit(rows)
 
 
 def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
@@ -167,7 +111,7 @@ class FusedStep:
             # load_state_dict lands here, after its pre-hooks and casts, with the state keyed by our
             # params: the last point before anything changes (torch's own __setstate__ would already
             # replace the state before it finds, say, a missing `step`).
-            self._check_loaded_state(state["state"], state["param_groups"])
+            check_loaded_state(state["state"], state["param_groups"], self.defaults, self._spec)
         super().__setstate__(state)  # type: ignore[misc]
         self._step_cache().clear()  # the states (and, unpickled, the params) are other tensors now
         # Unpickling brings the options; load_state_dict also lands here, without them: keep ours.
@@ -182,42 +126,6 @@ class FusedStep:
         for index, master in masters.items():
             p = params[index]
             self.state[p]["master_param"] = master.to(device=p.device, dtype=torch.float32, copy=True)
-
-    def _check_loaded_state(self, state: dict[Any, Any], param_groups: list[dict[str, Any]]) -> None:
-        """Refuse a loaded state that a step would silently misread.
-
-        torch loads such a state (or raises halfway, with its state already replaced) and fails or
-        broadcasts at the next step, after updating the params before the bad one. resfast refuses it
-        here, before anything changes: a state with a step counter must be complete (a `step` or moment
-        restarted from zero would skew the bias corrections), `step` must be torch's 0-d tensor or a
-        number, and every tensor the kernel updates must have its param's shape. SGD's momentum buffer
-        may be absent or None: it then starts from the next gradient, as in torch."""
-        params = [(group, p) for group in param_groups for p in group["params"]]
-        for index, (group, p) in enumerate(params):
-            saved = state.get(p)
-            if not saved:
-                continue
-            where = f"loaded state of parameter {index} (shape {tuple(p.shape)})"
-            # An option that a very old checkpoint's group lacks: this optimizer's own default.
-            keys = self._state_keys({**self.defaults, **group})
-            if self._has_step:
-                missing = [key for key in ("step", *keys) if saved.get(key) is None]
-                if missing:
-                    raise ValueError(
-                        f"{where} lacks {missing} but has {sorted(saved)}; was it saved by another optimizer "
-                        "or with other options?"
-                    )
-                step = saved["step"]
-                if isinstance(step, Tensor) and step.dim() != 0:
-                    raise ValueError(f"{where}: 'step' must be a 0-d tensor, got shape {tuple(step.shape)}")
-            for key in keys:
-                value = saved.get(key)
-                if value is not None and (not isinstance(value, Tensor) or value.shape != p.shape):
-                    got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(
-                        f"{where}: {key!r} has {got}, expected a tensor of the parameter's shape; "
-                        "does the checkpoint come from another model?"
-                    )
 
     # -- phase 1: validate and plan, no side effects -----------------------------------------------
 
@@ -258,10 +166,10 @@ class FusedStep:
     def _choose_backend(self, p: Tensor) -> str:
         mode = self._low_precision_mode(p)
         if mode is None:
-            return backends.choose(p.device, _kernel_view(p).dtype, self.backend)
+            return backends.choose(p.device, kernel_view(p).dtype, self.backend)
         return backends.choose(
             p.device,
-            _kernel_view(p).dtype,
+            kernel_view(p).dtype,
             self.backend,
             implemented=backends.LOW_PRECISION_BACKENDS,
             op=f"{mode} update",
@@ -326,9 +234,9 @@ class FusedStep:
             fresh.append(self._init_state(group, p, state, keys, master, step_device) if stateful else False)
             states.append(state)
             row = [p, p.grad, *(state[k] for k in keys)]
-            plain = not is_complex and type(p) in _PLAIN_TENSOR_TYPES
-            rows.append(row if plain else [_kernel_view(t) for t in row])
-        fits = _layouts_fit(rows) if bucket.backend != "reference" else [False] * len(rows)
+            plain = not is_complex and type(p) in PLAIN_TENSOR_TYPES
+            rows.append(row if plain else [kernel_view(t) for t in row])
+        fits = layouts_fit(rows) if bucket.backend != "reference" else [False] * len(rows)
         if master:
             # The fp32 master differs from the param in dtype only: it must share its shape and strides.
             for i, p in enumerate(bucket.params):
@@ -350,7 +258,7 @@ class FusedStep:
                     grads=[rows[i][1] for i in picked],
                     states={k: [rows[i][2 + j] for i in picked] for j, k in enumerate(keys)},
                     steps=[s["step"] for s in picked_states] if self._has_step else [],
-                    masters=[_kernel_view(s["master_param"]) for s in picked_states] if master else None,
+                    masters=[kernel_view(s["master_param"]) for s in picked_states] if master else None,
                     fresh=[fresh[i] for i in picked],
                 )
             )

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from resfast import backends
+from resfast.optim._layout import grads_fit
 
 
 @dataclass
@@ -53,18 +53,6 @@ class Batch:
     def optional(self, key: str) -> list[Tensor | None]:
         """An optional state's list (None per param when the option is off)."""
         return self.states.get(key, [None] * len(self.params))
-
-
-def grads_fit(params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Is every grad strided and laid out as its param (dtype, device, shape, strides)?"""
-    ext = backends.native_extension()[0]
-    if ext is not None:
-        return ext.grads_fit(params, grads)
-    return all(
-        not g.is_sparse and g.dtype == p.dtype and g.device == p.device and g.shape == p.shape
-        and (g.stride() == p.stride() or p.numel() <= 1)
-        for p, g in zip(params, grads, strict=True)
-    )  # fmt: skip
 
 
 @dataclass
