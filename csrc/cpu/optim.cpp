@@ -10,6 +10,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,8 @@ auto kernel_for_this_cpu() {
 
 // Elements per chunk: large enough to amortise scheduling, small enough to balance 2-64 cores.
 constexpr int64_t kChunk = 1 << 14;
+// Below this many elements in a call, one thread updates them all (a few microseconds of work).
+constexpr int64_t kMinParallelElements = 1 << 15;
 
 Storage storage_of(at::ScalarType dtype) {
   switch (dtype) {
@@ -80,7 +83,13 @@ struct CpuBackend {
     Job job{nullptr, 0, storage_of(params[0].scalar_type()), grad_scale.has_value(), 1.f, maximize};
     if (job.scaled) job.scale = grad_scale->item<float>();
     const auto kernel = kernel_for_this_cpu<N, Math>();
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    // A call with little work runs on this thread: starting the parallel region (and waiting for every
+    // thread at its end, which on a loaded machine can take milliseconds) would cost more than it saves.
+    int64_t elements = 0;
+    for (const Chunk& chunk : chunks) elements += chunk.end - chunk.begin;
+    const int64_t n = static_cast<int64_t>(chunks.size());
+    const int64_t grain = elements < kMinParallelElements ? std::max<int64_t>(n, 1) : 1;
+    at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
       Job part = job;
       part.chunks = chunks.data() + first;
       part.count = last - first;
