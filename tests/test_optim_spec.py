@@ -66,3 +66,14 @@ def test_coefficient_tables_have_the_specs_width():
     # Spot values by name: AdamW's decay term is 1 - lr * weight_decay; SGD's fresh flag is set.
     assert tables["adam"][0, SPECS["adam"].column("weight_decay_term")].item() == pytest.approx(0.99)
     assert tables["sgd"][0, SPECS["sgd"].column("fresh")].item() == 1.0
+
+
+@pytest.mark.parametrize("op", SPECS)
+def test_native_op_schemas_take_the_specs_lists_and_options(op):
+    """Each native op takes params, grads, one list per state of the spec (its key, plural), the
+    coefficients, GradScaler's tensors, then exactly the spec's options, in order."""
+    _native_extension()
+    spec = SPECS[op]
+    names = [a.name for a in getattr(torch.ops.resfast, f"{op}_").default._schema.arguments]
+    states = [f"{s.key}s" for s in spec.states]
+    assert names == ["params", "grads", *states, "coef", "grad_scale", "found_inf", *spec.options]

@@ -1,20 +1,23 @@
 """The native backends (``cpu``: C++, ``cuda``: CUDA C++) of the optimizer updates.
 
-Thin wrappers over the ops that ``resfast._C`` registers as ``torch.ops.resfast.*`` (sources in
-``csrc/``): same signatures and semantics as :mod:`resfast.kernels.reference_optim`, the same
-per-tensor coefficient tables as the Triton backend (:mod:`resfast.kernels.optim_coef`). Importing
+The ops that ``resfast._C`` registers as ``torch.ops.resfast.*`` (sources in ``csrc/``) behind the
+fused backends' front door (:mod:`resfast.kernels.fused_optim`): same signatures and semantics as
+:mod:`resfast.kernels.reference_optim`, the same coefficient tables as the Triton backend. Importing
 this module loads the extension; ``resfast.backends`` only routes here when it loaded.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 import resfast._C  # noqa: F401  (registers torch.ops.resfast.*)
-from resfast.kernels import optim_coef
+from resfast.kernels.fused_optim import FusedUpdates
+from resfast.kernels.optim_spec import OptimizerSpec
 
-__all__ = ["adagrad", "adam", "count_steps", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "count_steps", "launch", "rmsprop", "sgd"]
 
 _ops = torch.ops.resfast
 
@@ -33,7 +36,20 @@ def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     _ops.count_steps_(steps, found_inf)
 
 
-def _no_low_precision_params(master_params: list[Tensor] | None, stochastic_seed: int | None) -> None:
+def launch(
+    spec: OptimizerSpec,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor] | None],
+    coef: Tensor,
+    options: dict[str, Any],
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+    master_params: list[Tensor] | None,
+    stochastic_seed: int | None,
+) -> None:
+    """resfast.kernels.fused_optim's Launch: the native op `<op>_`, an absent state as an empty list,
+    the options by name (the op schema's)."""
     # The optimizers never route these here (resfast.backends.choose is told the native kernels lack
     # them); a direct caller gets told too rather than a silently plain update.
     if master_params is not None or stochastic_seed is not None:
@@ -41,127 +57,10 @@ def _no_low_precision_params(master_params: list[Tensor] | None, stochastic_seed
             "the native kernels have no master-weight or stochastic-rounding update yet; use the triton or "
             "reference backend"
         )
+    lists = [[] if t is None else t for t in states]
+    getattr(_ops, f"{spec.op}_")(params, grads, *lists, coef, grad_scale, found_inf, **options)
 
 
-def _present(tensors: list[Tensor | None], used: bool) -> list[Tensor]:
-    """An optional state list as the ops take it: the tensors when the option is on, else empty."""
-    return [t for t in tensors if t is not None] if used else []
-
-
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    fresh: list[bool],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    _no_low_precision_params(master_params, stochastic_seed)
-    coef = optim_coef.sgd(
-        len(params), params[0].device, lr=lr, weight_decay=weight_decay, momentum=momentum,
-        dampening=dampening, fresh=fresh,
-    )  # fmt: skip
-    _ops.sgd_(
-        params, grads, _present(momentum_buffers, momentum != 0), coef, grad_scale, found_inf,
-        bool(weight_decay != 0), nesterov, maximize,
-    )  # fmt: skip
-
-
-def rmsprop(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor | None],
-    momentum_buffers: list[Tensor | None],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    _no_low_precision_params(master_params, stochastic_seed)
-    coef = optim_coef.rmsprop(
-        len(params),
-        params[0].device,
-        lr=lr,
-        alpha=alpha,
-        eps=eps,
-        weight_decay=weight_decay,
-        momentum=momentum,
-    )
-    _ops.rmsprop_(
-        params, grads, square_avgs, _present(grad_avgs, centered), _present(momentum_buffers, momentum > 0),
-        coef, grad_scale, found_inf, weight_decay != 0, maximize,
-    )  # fmt: skip
-
-
-def adagrad(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    _no_low_precision_params(master_params, stochastic_seed)
-    coef = optim_coef.adagrad(
-        steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
-    )
-    _ops.adagrad_(params, grads, state_sums, coef, grad_scale, found_inf, weight_decay != 0, maximize)
-
-
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor | None],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    _no_low_precision_params(master_params, stochastic_seed)
-    coef = optim_coef.adam(
-        steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled=decoupled_weight_decay,
-    )  # fmt: skip
-    _ops.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, _present(max_exp_avg_sqs, amsgrad), coef, grad_scale, found_inf,
-        optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay), maximize,
-    )  # fmt: skip
+# The four updates, with resfast.kernels.reference_optim's signatures.
+_updates = FusedUpdates(launch)
+sgd, rmsprop, adagrad, adam = _updates.sgd, _updates.rmsprop, _updates.adagrad, _updates.adam

@@ -3,11 +3,13 @@ order every kernel takes them), which per-tensor coefficients it reads (in the o
 coefficient table's columns), and whether it keeps a step counter.
 
 Everything else derives from this: the optimizers' state keys (:mod:`resfast.optim`), the coefficient
-tables (:mod:`resfast.kernels.optim_coef`), the column offsets the Triton kernels read
+tables (:mod:`resfast.kernels.optim_coef`), the tensor lists and flags every fused backend receives
+(:mod:`resfast.kernels.fused_optim`), the column offsets the Triton kernels read
 (:mod:`resfast.kernels.triton_optim`). The native kernels declare the same columns in C++
 (``csrc/optim_math.h``, each maths' ``Column`` enum and ``kColumnNames``), exported as
-``resfast._C.COEF_COLUMNS``; ``tests/test_optim_spec.py`` checks that both sides agree, so adding a
-column to one and not the other fails a test instead of making a kernel read the wrong row.
+``resfast._C.COEF_COLUMNS``, and the native ops' schemas name the same state lists and options;
+``tests/test_optim_spec.py`` checks that both sides agree, so adding a column to one and not the
+other fails a test instead of making a kernel read the wrong row.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class StateTensor:
 
     key: str
     present: Callable[[Mapping[str, Any]], bool] = _always
+    # For an optional state: the kernel flag that says it is there (a Triton constexpr; the native ops
+    # see an empty list instead).
+    flag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class OptimizerSpec:
     states: tuple[StateTensor, ...]  # after param and grad, in kernel order
     columns: tuple[str, ...]  # the coefficient table's columns, in order
     has_step: bool  # whether the state holds torch's `step` counter
+    options: tuple[str, ...]  # the kernels' flags, in the native op's argument order
 
     def state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         """The state tensors a group with these options updates, in kernel order."""
@@ -53,20 +59,22 @@ SPECS: dict[str, OptimizerSpec] = {
     for spec in (
         OptimizerSpec(
             op="sgd",
-            states=(StateTensor("momentum_buffer", lambda g: g["momentum"] != 0),),
+            states=(StateTensor("momentum_buffer", lambda g: g["momentum"] != 0, "has_momentum"),),
             # fresh: 1.0 on a momentum buffer's first step, which starts as the gradient itself
             columns=("lr", "weight_decay", "momentum", "one_minus_dampening", "fresh"),
             has_step=False,
+            options=("has_wd", "nesterov", "maximize"),
         ),
         OptimizerSpec(
             op="rmsprop",
             states=(
                 StateTensor("square_avg"),
-                StateTensor("grad_avg", lambda g: g["centered"]),
-                StateTensor("momentum_buffer", lambda g: g["momentum"] > 0),
+                StateTensor("grad_avg", lambda g: g["centered"], "centered"),
+                StateTensor("momentum_buffer", lambda g: g["momentum"] > 0, "has_momentum"),
             ),
             columns=("lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum"),
             has_step=True,
+            options=("has_wd", "maximize"),
         ),
         OptimizerSpec(
             op="adagrad",
@@ -74,13 +82,14 @@ SPECS: dict[str, OptimizerSpec] = {
             # clr = lr / (1 + (step - 1) * lr_decay)
             columns=("clr", "weight_decay", "eps"),
             has_step=True,
+            options=("has_wd", "maximize"),
         ),
         OptimizerSpec(
             op="adam",
             states=(
                 StateTensor("exp_avg"),
                 StateTensor("exp_avg_sq"),
-                StateTensor("max_exp_avg_sq", lambda g: g["amsgrad"]),
+                StateTensor("max_exp_avg_sq", lambda g: g["amsgrad"], "amsgrad"),
             ),
             # step_size = lr / (1 - beta1^step), sqrt_bias_correction2 = sqrt(1 - beta2^step);
             # weight_decay_term: the decay (ADAM_WEIGHT_DECAY["l2"]) or 1 - lr * decay ("decoupled")
@@ -94,6 +103,7 @@ SPECS: dict[str, OptimizerSpec] = {
                 "weight_decay_term",
             ),
             has_step=True,
+            options=("wd_mode", "maximize"),  # wd_mode: ADAM_WEIGHT_DECAY's values
         ),
     )
 }

@@ -32,17 +32,18 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from resfast.kernels import optim_coef
-from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
+from resfast.kernels.fused_optim import FusedUpdates
+from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS, OptimizerSpec
 from resfast.kernels.triton_common import store_rounded
 
-__all__ = ["adagrad", "adam", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "launch", "rmsprop", "sgd"]
 
 # Elements per program. Provisional (not yet measured on a GPU): large enough to amortise reading a
 # row, small enough that a 1-element tensor wastes little.
@@ -351,18 +352,29 @@ def _rows(numels: Sequence[int]) -> Tensor:
     return torch.stack([tensor_index, start], dim=1)
 
 
-def _launch(
-    kernel: triton.JITFunction,
-    tensor_lists: Sequence[Sequence[Tensor]],
+# The kernel of each update.
+_KERNELS = {"sgd": _sgd_kernel, "rmsprop": _rmsprop_kernel, "adagrad": _adagrad_kernel, "adam": _adam_kernel}
+
+
+@torch.compiler.disable  # host-side work table: see the module docstring
+def launch(
+    spec: OptimizerSpec,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[list[Tensor] | None],
     coef: Tensor,
+    options: dict[str, Any],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
-    master_params: Sequence[Tensor] | None,
+    master_params: list[Tensor] | None,
     stochastic_seed: int | None,
-    **flags: object,
 ) -> None:
-    params = tensor_lists[0]
+    """resfast.kernels.fused_optim's Launch: one kernel launch for every tensor. The spec's options
+    and the presence of each optional state are the kernel's constexpr flags (upper-cased)."""
     device, dtype = params[0].device, params[0].dtype
+    present = {s.flag.upper(): t is not None for s, t in zip(spec.states, states, strict=True) if s.flag}
+    flags = {name.upper(): value for name, value in options.items()} | present
+    tensor_lists = [params, grads, *(t for t in states if t is not None)]
     if master_params is not None:  # the master is what the kernel updates; the param is written last
         tensor_lists = [master_params, *tensor_lists[1:], params]
     rows, table = _work_table(tensor_lists, device)
@@ -373,145 +385,13 @@ def _launch(
     inf = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else coef
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        kernel[(rows.shape[0],)](
+        _KERNELS[spec.op][(rows.shape[0],)](
             rows, table, coef, scale, inf, stochastic_seed or 0,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, DTYPE=_TL_DTYPES[dtype],
             BLOCK=BLOCK, MASTER=master_params is not None, SR=stochastic_seed is not None, **flags,
         )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public functions: same signatures and semantics as resfast.kernels.reference_optim
-# ----------------------------------------------------------------------------------------------------
-
-
-@torch.compiler.disable  # host-side work table: see the module docstring
-def sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    fresh: list[bool],
-    *,
-    lr: float | Tensor,
-    weight_decay: float | Tensor,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    has_momentum = momentum != 0
-    coef = optim_coef.sgd(
-        len(params), params[0].device, lr=lr, weight_decay=weight_decay, momentum=momentum,
-        dampening=dampening, fresh=fresh,
-    )  # fmt: skip
-    _launch(
-        _sgd_kernel, [params, grads, momentum_buffers] if has_momentum else [params, grads], coef,
-        grad_scale, found_inf, master_params, stochastic_seed,
-        HAS_WD=bool(weight_decay != 0), HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, MAXIMIZE=maximize,
-    )  # fmt: skip
-
-
-@torch.compiler.disable  # host-side work table: see the module docstring
-def rmsprop(
-    params: list[Tensor],
-    grads: list[Tensor],
-    square_avgs: list[Tensor],
-    grad_avgs: list[Tensor | None],
-    momentum_buffers: list[Tensor | None],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    alpha: float,
-    eps: float,
-    weight_decay: float,
-    momentum: float,
-    centered: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    lists = [params, grads, square_avgs]
-    if centered:
-        lists.append(grad_avgs)
-    if momentum > 0:
-        lists.append(momentum_buffers)
-    coef = optim_coef.rmsprop(
-        len(params),
-        params[0].device,
-        lr=lr,
-        alpha=alpha,
-        eps=eps,
-        weight_decay=weight_decay,
-        momentum=momentum,
-    )
-    _launch(
-        _rmsprop_kernel, lists, coef, grad_scale, found_inf, master_params, stochastic_seed,
-        HAS_WD=weight_decay != 0, CENTERED=centered, HAS_MOMENTUM=momentum > 0, MAXIMIZE=maximize,
-    )  # fmt: skip
-
-
-@torch.compiler.disable  # host-side work table: see the module docstring
-def adagrad(
-    params: list[Tensor],
-    grads: list[Tensor],
-    state_sums: list[Tensor],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    lr_decay: float,
-    weight_decay: float,
-    eps: float,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    coef = optim_coef.adagrad(
-        steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
-    )
-    _launch(
-        _adagrad_kernel, [params, grads, state_sums], coef,
-        grad_scale, found_inf, master_params, stochastic_seed,
-        HAS_WD=weight_decay != 0, MAXIMIZE=maximize,
-    )  # fmt: skip
-
-
-@torch.compiler.disable  # host-side work table: see the module docstring
-def adam(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor | None],
-    steps: list[Tensor],
-    *,
-    lr: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    decoupled_weight_decay: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    master_params: list[Tensor] | None = None,
-    stochastic_seed: int | None = None,
-) -> None:
-    coef = optim_coef.adam(
-        steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled=decoupled_weight_decay,
-    )  # fmt: skip
-    lists = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    _launch(
-        _adam_kernel, lists, coef, grad_scale, found_inf, master_params, stochastic_seed,
-        WD_MODE=optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay), AMSGRAD=amsgrad,
-        MAXIMIZE=maximize,
-    )  # fmt: skip
+# The four updates, with resfast.kernels.reference_optim's signatures.
+_updates = FusedUpdates(launch)
+sgd, rmsprop, adagrad, adam = _updates.sgd, _updates.rmsprop, _updates.adagrad, _updates.adam
