@@ -8,14 +8,11 @@ this module loads the extension; ``resfast.backends`` only routes here when it l
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 import resfast._C  # noqa: F401  (registers torch.ops.resfast.*)
-from resfast.kernels.fused_optim import FusedUpdates
-from resfast.kernels.optim_spec import OptimizerSpec
+from resfast.kernels.fused_optim import FusedCall, FusedUpdates
 
 __all__ = ["adagrad", "adam", "count_steps", "launch", "rmsprop", "sgd"]
 
@@ -36,29 +33,19 @@ def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     _ops.count_steps_(steps, found_inf)
 
 
-def launch(
-    spec: OptimizerSpec,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[list[Tensor] | None],
-    coef: Tensor,
-    options: dict[str, Any],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    master_params: list[Tensor] | None,
-    stochastic_seed: int | None,
-) -> None:
+def launch(call: FusedCall) -> None:
     """resfast.kernels.fused_optim's Launch: the native op `<op>_`, an absent state as an empty list,
     the options by name (the op schema's)."""
     # The optimizers never route these here (resfast.backends.choose is told the native kernels lack
     # them); a direct caller gets told too rather than a silently plain update.
-    if master_params is not None or stochastic_seed is not None:
+    if call.master_params is not None or call.stochastic_seed is not None:
         raise NotImplementedError(
             "the native kernels have no master-weight or stochastic-rounding update yet; use the triton or "
             "reference backend"
         )
-    lists = [[] if t is None else t for t in states]
-    getattr(_ops, f"{spec.op}_")(params, grads, *lists, coef, grad_scale, found_inf, **options)
+    lists = [[] if t is None else t for t in call.states]
+    op = getattr(_ops, f"{call.spec.op}_")
+    op(call.params, call.grads, *lists, call.coef, call.grad_scale, call.found_inf, **call.options)
 
 
 # The four updates, with resfast.kernels.reference_optim's signatures.

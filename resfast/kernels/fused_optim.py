@@ -3,41 +3,43 @@
 
 Each function builds its update's coefficient table (:mod:`resfast.kernels.optim_coef`), its state
 lists in the spec's order (absent ones as None) and its flags (the spec's ``options``), and hands
-them to the backend's `launch`; a backend provides nothing else. :class:`FusedUpdates` binds the four
-to one `launch`: ``triton_optim`` and ``cext`` expose theirs as module functions.
+them to the backend's `launch` as a :class:`FusedCall`; a backend provides nothing else.
+:class:`FusedUpdates` binds the four to one `launch`: ``triton_optim`` and ``cext`` expose theirs as
+module functions.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from resfast.kernels import optim_coef
 from resfast.kernels.optim_spec import SPECS, OptimizerSpec
 
-__all__ = ["FusedUpdates", "Launch"]
-
-# The keywords every update takes beyond its hyperparameters, and their defaults (reference_optim's).
-_NO_EXTRA = {"grad_scale": None, "found_inf": None, "master_params": None, "stochastic_seed": None}
+__all__ = ["FusedCall", "FusedUpdates", "Launch"]
 
 
-class Launch(Protocol):
-    def __call__(
-        self,
-        spec: OptimizerSpec,
-        params: list[Tensor],
-        grads: list[Tensor],
-        states: list[list[Tensor] | None],
-        coef: Tensor,
-        options: dict[str, Any],
-        grad_scale: Tensor | None,
-        found_inf: Tensor | None,
-        master_params: list[Tensor] | None,
-        stochastic_seed: int | None,
-    ) -> None:
-        """One fused update of every tensor: `states` in `spec.states` order (None: absent), `options`
-        keyed by `spec.options`; GradScaler's tensors; the low-precision modes (see the README)."""
+@dataclass
+class FusedCall:
+    """One fused update of every tensor, as a backend's `launch` receives it."""
+
+    spec: OptimizerSpec
+    params: list[Tensor]
+    grads: list[Tensor]
+    states: list[list[Tensor] | None]  # in spec.states order; None: the option that makes it is off
+    coef: Tensor  # the coefficient table, columns spec.columns
+    options: dict[str, Any]  # the kernel flags, keyed by spec.options
+    grad_scale: Tensor | None = None  # GradScaler's: unscale in the kernel, skip on found_inf != 0
+    found_inf: Tensor | None = None
+    master_params: list[Tensor] | None = None  # low-precision modes (see the README)
+    stochastic_seed: int | None = None
+
+
+# What a fused backend provides: run a FusedCall.
+Launch = Callable[[FusedCall], None]
 
 
 class FusedUpdates:
@@ -58,7 +60,7 @@ class FusedUpdates:
     ) -> None:
         spec = SPECS[op]
         assert tuple(options) == spec.options and len(states) == len(spec.states), op
-        self._launch(spec, params, grads, states, coef, options, **(_NO_EXTRA | extra))
+        self._launch(FusedCall(spec, params, grads, states, coef, options, **extra))
 
     def sgd(
         self,

@@ -32,15 +32,14 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from resfast.kernels.fused_optim import FusedUpdates
-from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS, OptimizerSpec
+from resfast.kernels.fused_optim import FusedCall, FusedUpdates
+from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
 from resfast.kernels.triton_common import store_rounded
 
 __all__ = ["adagrad", "adam", "launch", "rmsprop", "sgd"]
@@ -357,24 +356,15 @@ _KERNELS = {"sgd": _sgd_kernel, "rmsprop": _rmsprop_kernel, "adagrad": _adagrad_
 
 
 @torch.compiler.disable  # host-side work table: see the module docstring
-def launch(
-    spec: OptimizerSpec,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[list[Tensor] | None],
-    coef: Tensor,
-    options: dict[str, Any],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    master_params: list[Tensor] | None,
-    stochastic_seed: int | None,
-) -> None:
+def launch(call: FusedCall) -> None:
     """resfast.kernels.fused_optim's Launch: one kernel launch for every tensor. The spec's options
     and the presence of each optional state are the kernel's constexpr flags (upper-cased)."""
+    spec, params, grad_scale, found_inf = call.spec, call.params, call.grad_scale, call.found_inf
+    master_params, stochastic_seed, coef = call.master_params, call.stochastic_seed, call.coef
     device, dtype = params[0].device, params[0].dtype
-    present = {s.flag.upper(): t is not None for s, t in zip(spec.states, states, strict=True) if s.flag}
-    flags = {name.upper(): value for name, value in options.items()} | present
-    tensor_lists = [params, grads, *(t for t in states if t is not None)]
+    present = {s.flag.upper(): t is not None for s, t in zip(spec.states, call.states, strict=True) if s.flag}
+    flags = {name.upper(): value for name, value in call.options.items()} | present
+    tensor_lists = [params, call.grads, *(t for t in call.states if t is not None)]
     if master_params is not None:  # the master is what the kernel updates; the param is written last
         tensor_lists = [master_params, *tensor_lists[1:], params]
     rows, table = _work_table(tensor_lists, device)
