@@ -11,7 +11,7 @@ STAMP := $(VENV)/.resfast-installed
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-.PHONY: venv test train bench gpu-check lint clean
+.PHONY: venv test train bench gpu-check gpu-check-quick lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 # On a GPU machine (torch already installed there): build, GPU tests, benchmarks; results under $$OUT.
 gpu-check:
 	OUT=$${OUT:-gpu-out} bash benchmarks/gpu_check.sh
+
+# The same in one call of at most 8 minutes: each step stopped at its time limit, narrow benchmarks.
+gpu-check-quick:
+	OUT=$${OUT:-gpu-out} GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
