@@ -5,13 +5,17 @@ few shapes, forward and backward. The sanitizer finds out-of-bounds and misalign
 script also compares every result with the reference backend, so that a kernel that reads the wrong
 memory without leaving its buffers fails here too.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python -m tests.gpu_sanitize
+    compute-sanitizer --tool memcheck --error-exitcode 1 python -m tests.gpu_sanitize [SECONDS]
+
+Under memcheck every kernel runs many times slower: with SECONDS, no new case starts after that
+long, and what was left unchecked is printed (a time-boxed step then still says what it covered).
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
+import time
 
 import torch
 import torchvision
@@ -25,6 +29,8 @@ BACKENDS = ("cuda", "triton")
 ODD_SIZES = [(0,), (1,), (3,), (7, 3), (1023,), (4097,), (65537,)]
 # fp32: the fused kernels and the reference round differently only by FMA contraction and operation
 # order, a few ulp per step; bf16 params are rounded once per step, so 2 bf16 ulp of the magnitude.
+DEADLINE = float("inf")  # time.monotonic() after which no new case starts (main's SECONDS)
+skipped: list[str] = []
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 
 
@@ -63,6 +69,9 @@ def compare_backends(cases: list[tuple[str, dict]], initial: list[torch.Tensor],
     failures = []
     tol = TOLERANCE[initial[0].dtype]
     for name, kwargs in cases:
+        if time.monotonic() > DEADLINE:
+            skipped.append(f"{case_id((name, kwargs))} {label}")
+            continue
         want = run_steps(name, kwargs, "reference", initial)
         for backend in BACKENDS:
             err = worst_error(run_steps(name, kwargs, backend, initial), want)
@@ -129,6 +138,9 @@ def check_bn() -> list[str]:
     for shape, layout, dtype, residual in itertools.product(
         shapes, layouts, (torch.float32, torch.bfloat16), (True, False)
     ):
+        if time.monotonic() > DEADLINE:
+            skipped.append(f"BN {shape} {layout} {dtype} residual={residual}")
+            continue
         want = bn_outputs(shape, layout, dtype, residual, "reference")
         err = worst_error(bn_outputs(shape, layout, dtype, residual, BACKENDS[-1]), want)
         # bf16 outputs are rounded once (2**-8 relative); fp32 statistics and reductions in
@@ -138,18 +150,25 @@ def check_bn() -> list[str]:
     return failures
 
 
-def main() -> int:
+def main(seconds: float | None = None) -> int:
+    global DEADLINE
+    start = time.monotonic()
+    if seconds is not None:
+        DEADLINE = start + seconds
     failures = []
     for check in (check_optimizers, check_grad_scaler_inf, check_bn):
         found = check()
-        print(f"{check.__name__}: {'ok' if not found else f'{len(found)} failures'}", flush=True)
+        verdict = "ok" if not found else f"{len(found)} failures"
+        print(f"{check.__name__}: {verdict} at {time.monotonic() - start:.0f} s", flush=True)
         failures += found
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()  # a kernel's late error surfaces here, not after exit
     for line in failures:
         print("FAIL", line)
+    if skipped:
+        print(f"not checked (past the {seconds:.0f} s budget): {len(skipped)} cases, from {skipped[0]}")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(float(sys.argv[1]) if len(sys.argv) > 1 else None))

@@ -116,9 +116,14 @@ def test_whole_training_step_replays_like_eager(monkeypatch, name: str, backend:
         pytest.skip(f"{backend} backend unavailable on cuda")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    initial = _final_state(*_setup(name, backend)[:2])
     (want, want_losses), (got, got_losses) = _eager(name, backend), _graphed(name, backend)
     assert got.keys() == want.keys()
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     torch.testing.assert_close(got_losses, want_losses, rtol=1e-5, atol=1e-6)
-    assert want_losses[-1] < want_losses[0]
+    # The steps did train: every param moved. (Not "the loss fell": each step draws another random
+    # batch with random labels, so the first and last losses are not comparable; at these lrs
+    # RMSprop's rose from 2.39 to 2.78-2.99 on an H200.)
+    moved = [key for key in initial if key.startswith("param ") and not torch.equal(want[key], initial[key])]
+    assert moved == [key for key in initial if key.startswith("param ")]
