@@ -42,12 +42,17 @@ inline std::vector<bool> layouts_fit(const std::vector<std::vector<at::Tensor>>&
   return fit;
 }
 
-// Are these grads laid out as their params (strided, and sharing dtype, device, shape and strides)? The
-// optimizers' cached step (resfast/optim/_step_cache.py) asks this once per call, for every grad.
-inline bool grads_fit(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
-  if (params.size() != grads.size()) return false;
+// Does a kept kernel call fit this step (resfast/optim/_step_cache.py asks once per call)? Every param is
+// still at its address (`p.data = ...`, a cast or a move give it another), and every grad is strided
+// and, where `layout` (the fast kernels), shares its param's dtype, device, shape and strides.
+inline bool grads_fit(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                      const std::vector<int64_t>& addresses, bool layout) {
+  if (params.size() != grads.size() || params.size() != addresses.size()) return false;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (grads[i].layout() != at::kStrided || !same_span(params[i], grads[i])) return false;
+    if (reinterpret_cast<int64_t>(params[i].data_ptr()) != addresses[i] || grads[i].layout() != at::kStrided) {
+      return false;
+    }
+    if (layout && !same_span(params[i], grads[i])) return false;
   }
   return true;
 }

@@ -33,6 +33,7 @@ __all__ = [
     "implementing",
     "info",
     "kernel_module",
+    "native_runs",
     "validate",
 ]
 
@@ -160,6 +161,15 @@ def native_extension() -> tuple[Any, str | None]:
             "rebuild it: pip install --no-build-isolation -e ."
         )
     return ext, None
+
+
+@functools.cache
+def native_runs(device_type: str) -> bool:
+    """Whether resfast._C loaded with kernels for tensors of this device type ("cpu" or "cuda")."""
+    return (
+        device_type in ("cpu", "cuda")
+        and _why_not(device_type, torch.device(device_type), torch.float32) is None
+    )
 
 
 def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:

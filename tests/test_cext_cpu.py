@@ -137,6 +137,31 @@ def test_count_steps_counts_and_skips_on_found_inf() -> None:
 @pytest.mark.parametrize("bad", [torch.zeros(2), torch.tensor(1, dtype=torch.int64), torch.tensor(True)])
 def test_count_steps_refuses_bad_counters_before_counting_any(bad: torch.Tensor) -> None:
     good = torch.tensor(3.0)
-    with pytest.raises(RuntimeError, match="count_steps_ takes one-element floating-point CPU tensors"):
+    with pytest.raises(RuntimeError, match="one-element float32/float64 step counters on one device"):
         torch.ops.resfast.count_steps_([good, bad], None)
     assert good.item() == 3.0
+
+
+def test_prepared_update_refuses_an_unknown_op_or_a_wrong_state_count() -> None:
+    p = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="unknown op 'lamb'"):
+        ext.PreparedUpdate("lamb", p, [p])
+    with pytest.raises(RuntimeError, match="adam takes 3 state lists, got 1"):
+        ext.PreparedUpdate("adam", p, [p])
+
+
+def test_prepared_update_runs_the_op() -> None:
+    """The same kernel as torch.ops.resfast.adam_, with the lists kept from construction."""
+    gen = torch.Generator().manual_seed(0)
+    made = [[torch.randn(n, generator=gen) for n in (5, 17, 1)] for _ in range(3)]
+    made.append([torch.rand(n, generator=gen) for n in (5, 17, 1)])  # exp_avg_sq: nonnegative
+    twins = [[t.clone() for t in ts] for ts in made]
+    coef = torch.rand(3, 7, generator=gen)
+    p, g, m, v = made
+    before = [t.clone() for t in p]
+    ext.PreparedUpdate("adam", p, [m, v, []], wd_mode=1, maximize=True).run(g, coef, None, None)
+    tp, tg, tm, tv = twins
+    torch.ops.resfast.adam_(tp, tg, tm, tv, [], coef, None, None, wd_mode=1, maximize=True)
+    for ours, theirs in zip(p + m + v, tp + tm + tv, strict=True):
+        assert torch.equal(ours, theirs)
+    assert all(not torch.equal(a, b) for a, b in zip(p, before, strict=True))  # it did update

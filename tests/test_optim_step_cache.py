@@ -185,3 +185,37 @@ def test_unchanged_steps_reuse_the_cache(case, monkeypatch):
     # Step 0 (which creates the states: its plan is not kept), 1 and 3 (new storage); torch's Adagrad
     # creates its states in its constructor, so its first plan is kept already.
     assert len(planned) == (2 if name == "Adagrad" else 3)
+
+
+def _prepared(opt) -> list:
+    """The native backend's prepared update of each kept call (resfast.kernels.cext.launch)."""
+    return [
+        call.kept.get("native") for entry in opt._step_cache()._entries.values() for call, *_ in entry.calls
+    ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[name for name, _ in CASES])
+def test_a_kept_native_call_is_prepared_once_and_again_when_its_options_change(case):
+    """On the cpu backend a kept call's params and states stay in one PreparedUpdate across steps;
+    flipping `maximize` (an op flag) prepares a new one, and every step still matches torch's."""
+    name, kwargs = case
+    if "cpu" not in [b.values[0] for b in BACKENDS]:
+        pytest.skip("resfast._C is not built")
+    model, twin = _model(), _model()
+    opt = getattr(resfast.optim, name)(model.parameters(), backend="cpu", **kwargs)
+    ref = getattr(torch.optim, name)(twin.parameters(), foreach=False, **kwargs)
+    seen = []
+    for step in range(6):
+        if step == 4:
+            for group in opt.param_groups + ref.param_groups:
+                group["maximize"] = True
+        for m in (model, twin):
+            _grads(m, step)
+        opt.step()
+        ref.step()
+        seen.append(_prepared(opt))
+        _assert_same([_snapshot(ref, list(twin.parameters()))], [_snapshot(opt, list(model.parameters()))])
+    # Steps 0-1 plan (the states are created at step 0); steps 2-3 reuse step 1's call and its update.
+    assert len(seen[2]) == 1 and seen[2][0] is not None
+    assert seen[3][0] is seen[2][0]
+    assert seen[4][0] is not seen[3][0] and seen[5][0] is seen[4][0]

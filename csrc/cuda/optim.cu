@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <list>
 #include <mutex>
 #include <utility>
@@ -21,6 +22,7 @@
 
 #include "../multi_tensor_update.h"
 #include "../optim_ops.h"
+#include "../step_ops.h"
 
 // The fused kernels' storage dtypes (the maths is fp32); anything else is rejected by check_lists.
 #define RESFAST_DISPATCH_STORAGE_TYPES(dtype, name, ...) \
@@ -112,9 +114,95 @@ struct CudaBackend {
   }
 };
 
+// The step counters' addresses, passed by value as a kernel argument (no host-to-device copy, so a
+// CUDA graph can capture the launch): kStepsPerLaunch of them, 2.3 KB of the 4 KB argument limit.
+constexpr int kStepsPerLaunch = 256;
+struct StepAddresses {
+  void* step[kStepsPerLaunch];
+  bool is_double[kStepsPerLaunch];
+};
+
+__device__ inline double step_value(const StepAddresses& steps, int i) {
+  return steps.is_double[i] ? *static_cast<const double*>(steps.step[i]) : *static_cast<const float*>(steps.step[i]);
+}
+
+__global__ void count_steps_kernel(StepAddresses steps, int n, const float* found_inf) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n || (found_inf != nullptr && *found_inf != 0.f)) return;
+  if (steps.is_double[i]) {
+    *static_cast<double*>(steps.step[i]) += 1.0;
+  } else {
+    *static_cast<float*>(steps.step[i]) += 1.0f;
+  }
+}
+
+// lr: a device tensor's address (nullptr: coef.lr holds it), float32 or float64.
+template <typename Coef>
+__global__ void coef_kernel(StepAddresses steps, int n, const void* lr, bool lr_double, Coef coef, int columns,
+                            float* rows) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  if (lr != nullptr) coef.lr = lr_double ? *static_cast<const double*>(lr) : *static_cast<const float*>(lr);
+  coef(step_value(steps, i), rows + static_cast<int64_t>(i) * columns);
+}
+
+// Calls launch(addresses, count, first) for each group of kStepsPerLaunch counters.
+template <typename Launch>
+void for_each_step_group(const std::vector<at::Tensor>& steps, Launch launch) {
+  const auto n = static_cast<int64_t>(steps.size());
+  for (int64_t first = 0; first < n; first += kStepsPerLaunch) {
+    const int count = static_cast<int>(std::min<int64_t>(kStepsPerLaunch, n - first));
+    StepAddresses addresses{};
+    for (int i = 0; i < count; ++i) {
+      const at::Tensor& step = steps[first + i];
+      addresses.step[i] = step.data_ptr();
+      addresses.is_double[i] = step.scalar_type() == at::kDouble;
+    }
+    launch(addresses, count, first);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+struct CudaSteps {
+  static void count(const std::vector<at::Tensor>& steps, const std::optional<at::Tensor>& found_inf) {
+    const at::Device device = steps[0].device();
+    TORCH_CHECK(device.is_cuda(), "resfast: count_steps_ on CUDA takes CUDA step counters");
+    const c10::cuda::CUDAGuard guard(device);
+    at::Tensor inf_t;  // kept alive until the launches are queued
+    if (found_inf.has_value()) inf_t = found_inf->to(device, at::kFloat);
+    const float* inf_ptr = found_inf.has_value() ? inf_t.data_ptr<float>() : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+    for_each_step_group(steps, [&](const StepAddresses& addresses, int count, int64_t) {
+      count_steps_kernel<<<1, kStepsPerLaunch, 0, stream>>>(addresses, count, inf_ptr);
+    });
+  }
+
+  template <typename Coef>
+  static at::Tensor table(const std::vector<at::Tensor>& steps, const std::optional<at::Tensor>& lr, Coef coef,
+                          int64_t columns) {
+    const auto n = static_cast<int64_t>(steps.size());
+    if (n == 0) return at::empty({0, columns}, at::TensorOptions(at::kFloat));
+    const at::Device device = steps[0].device();
+    TORCH_CHECK(device.is_cuda() && (!lr.has_value() || lr->device().is_cpu() || lr->device() == device),
+                "resfast: the CUDA coefficient ops take step counters on one CUDA device, and lr there or on the CPU");
+    const c10::cuda::CUDAGuard guard(device);
+    at::Tensor out = at::empty({n, columns}, at::TensorOptions(at::kFloat).device(device));
+    const bool device_lr = lr.has_value() && lr->is_cuda();
+    const void* lr_ptr = device_lr ? lr->data_ptr() : nullptr;
+    const bool lr_double = device_lr && lr->scalar_type() == at::kDouble;
+    auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+    for_each_step_group(steps, [&](const StepAddresses& addresses, int count, int64_t first) {
+      coef_kernel<<<1, kStepsPerLaunch, 0, stream>>>(addresses, count, lr_ptr, lr_double, coef,
+                                                     static_cast<int>(columns), out.data_ptr<float>() + first * columns);
+    });
+    return out;
+  }
+};
+
 }  // namespace
 }  // namespace resfast
 
 TORCH_LIBRARY_IMPL(resfast, CUDA, m) {
   RESFAST_REGISTER_OPTIM_OPS(m, resfast::CudaBackend);
+  RESFAST_REGISTER_STEP_OPS(m, resfast::CudaSteps);
 }

@@ -11,25 +11,35 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import resfast._C  # noqa: F401  (registers torch.ops.resfast.*)
+import resfast._C  # registers torch.ops.resfast.*
 from resfast.kernels.fused_optim import FusedCall, FusedUpdates
+from resfast.kernels.optim_spec import SPECS
 
-__all__ = ["adagrad", "adam", "count_steps", "launch", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "count_steps", "launch", "ops", "rmsprop", "sgd"]
 
-_ops = torch.ops.resfast
+ops = _ops = torch.ops.resfast
 
 
 def _register_fakes() -> None:
-    """Fake (meta) implementations: the ops only mutate their inputs, so tracing needs nothing else."""
+    """Fake (meta) implementations: the update ops only mutate their inputs, so tracing needs nothing
+    else; the coefficient ops return a new [len(steps), columns] float32 table on the counters' device."""
     for name in ("sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_"):
         torch.library.register_fake(f"resfast::{name}")(lambda *args, **kwargs: None)
+    for name, op in (("adam_coef", "adam"), ("adagrad_coef", "adagrad")):
+        columns = len(SPECS[op].columns)
+        torch.library.register_fake(f"resfast::{name}")(
+            lambda steps, *args, columns=columns: torch.empty(
+                len(steps), columns, dtype=torch.float32, device=steps[0].device if steps else "cpu"
+            )
+        )
 
 
 _register_fakes()
 
 
 def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
-    """steps[i] += 1 for every one-element CPU step counter, unless found_inf (one element) is nonzero."""
+    """steps[i] += 1 for every one-element step counter (CPU: a loop; CUDA: one launch), unless
+    found_inf (one element, on the counters' device; a CPU one on the CPU) is nonzero."""
     _ops.count_steps_(steps, found_inf)
 
 
@@ -44,6 +54,16 @@ def launch(call: FusedCall) -> None:
             "reference backend"
         )
     lists = [[] if t is None else t for t in call.states]
+    if call.kept is not None:
+        # A kept call: its params and states stay in a PreparedUpdate, so that each step converts only
+        # its grads (each tensor list costs ~0.1 us per tensor to hand to an op).
+        key = (tuple(t is None for t in call.states), tuple(call.options.items()))
+        prepared = call.kept.get("native")
+        if prepared is None or prepared[0] != key:
+            update = resfast._C.PreparedUpdate(call.spec.op, call.params, lists, **call.options)
+            prepared = call.kept["native"] = (key, update)
+        prepared[1].run(call.grads, call.coef, call.grad_scale, call.found_inf)
+        return
     op = getattr(_ops, f"{call.spec.op}_")
     op(call.params, call.grads, *lists, call.coef, call.grad_scale, call.found_inf, **call.options)
 

@@ -36,6 +36,9 @@ class FusedCall:
     found_inf: Tensor | None = None
     master_params: list[Tensor] | None = None  # low-precision modes (see the README)
     stochastic_seed: int | None = None
+    # A kept kernel call's own store, the same dict at every step that reuses the call (see
+    # resfast/optim/_step_cache.py): a backend may keep what it prepared for these tensors there.
+    kept: dict[str, Any] | None = None
 
 
 # What a fused backend provides: run a FusedCall.

@@ -39,15 +39,23 @@ def reject_differentiable(differentiable: bool) -> None:
 
 def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     """Every step counter += 1, except on a step GradScaler skips; on the device, without a host sync."""
-    cpu = steps[0].device.type == "cpu" and (found_inf is None or found_inf.device.type == "cpu")
-    if cpu and not torch.compiler.is_compiling() and backends.native_extension()[0] is not None:
-        # torch's CPU foreach add is a loop of dispatched adds, ~1.3 us per counter.
-        backends.kernel_module("optimizer", "cpu").count_steps(steps, found_inf)
+    device = steps[0].device
+    if (
+        not torch.compiler.is_compiling()  # first: dynamo warns about tracing native_runs' cache
+        and backends.native_runs(device.type)
+        and (found_inf is None or found_inf.device == device)
+    ):
+        # One native call: torch's foreach add is a loop of dispatched adds on the CPU (~1.3 us per
+        # counter), and with found_inf two launches on CUDA.
+        backends.kernel_module("optimizer", device.type).count_steps(steps, found_inf)
         return
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
-        torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+        torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
 
+
+# The backends whose launch keeps per-call state in Batch.kept (the reference takes no such argument).
+NATIVE_BACKENDS = ("cpu", "cuda")
 
 # Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
@@ -280,6 +288,8 @@ class FusedStep:
             "master_params": batch.masters,
             "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
         }
+        if batch.backend in NATIVE_BACKENDS and not torch.compiler.is_compiling():
+            extra["kept"] = batch.kept  # (while compiling, the traced graph is the reuse)
         kernels = backends.kernel_module("optimizer", batch.backend)
         self._update(getattr(kernels, self._spec.op), group, batch, extra)
 

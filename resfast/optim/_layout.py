@@ -79,13 +79,15 @@ def layouts_fit(rows: list[list[Tensor]]) -> list[bool]:
     return ext.layouts_fit(rows)
 
 
-def grads_fit(params: list[Tensor], grads: list[Tensor]) -> bool:
-    """Is every grad strided and laid out as its param (dtype, device, shape, strides)?"""
+def grads_fit(params: list[Tensor], grads: list[Tensor], addresses: list[int], layout: bool) -> bool:
+    """Does a kept kernel call fit this step: is every param still at its address, and every grad strided
+    and, where `layout` (the fast kernels), laid out as its param (dtype, device, shape, strides)?"""
     ext = backends.native_extension()[0]
     if ext is not None:
-        return ext.grads_fit(params, grads)
+        return ext.grads_fit(params, grads, addresses, layout)
     return all(
-        not g.is_sparse and g.dtype == p.dtype and g.device == p.device and g.shape == p.shape
-        and (g.stride() == p.stride() or p.numel() <= 1)
-        for p, g in zip(params, grads, strict=True)
+        p.data_ptr() == address and g.layout == torch.strided
+        and (not layout or (g.dtype == p.dtype and g.device == p.device and g.shape == p.shape
+                            and (g.stride() == p.stride() or p.numel() <= 1)))
+        for p, g, address in zip(params, grads, addresses, strict=True)
     )  # fmt: skip

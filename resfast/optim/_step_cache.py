@@ -6,13 +6,13 @@ not the kernels, bounds an optimizer step. Between steps almost nothing of it ch
 are new tensors (``zero_grad(set_to_none=True)``). So the optimizer keeps the kernel calls of each
 group's last step and, at the next one, reuses them with the new grads after cheap checks:
 
-- the same params have grads, in the same order (identities), and each still has the address it had
-  (``p.data = ...``, ``model.to(dtype)`` or a move give it another);
+- the same params have grads, in the same order (identities);
 - the group's options still select the same state tensors, and its ``capturable`` flag is unchanged;
 - the optimizer's state is the same dict, with the same per-param dicts, each holding the same state
   tensors (identity checks, at C speed);
-- every grad of a fast call has its param's dtype, device, shape and strides (one native check per
-  call), and no grad of a reference call is sparse.
+- one native check per call: each param still has the address it had (``p.data = ...``,
+  ``model.to(dtype)`` or a move give it another), every grad is strided, and every grad of a fast
+  call has its param's dtype, device, shape and strides.
 
 Anything else plans the step afresh, which also refreshes the cache. ``load_state_dict`` (through
 ``__setstate__``) and ``add_param_group`` empty it. Only steps that created no state are kept (SGD
@@ -49,6 +49,9 @@ class Batch:
     steps: list[Tensor]
     masters: list[Tensor] | None  # fp32 master copies (mode MASTER)
     fresh: list[bool]  # per param: were its states created for this step (SGD's momentum starts)
+    # The backend's store for this call (resfast.kernels.fused_optim.FusedCall.kept): one dict, shared
+    # by the copies the cache makes of this call at later steps.
+    kept: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def optional(self, key: str) -> list[Tensor | None]:
         """An optional state's list (None per param when the option is off)."""
@@ -59,7 +62,6 @@ class Batch:
 class _Entry:
     group: dict[str, Any]
     ids: tuple[int, ...]  # the params with grads, in order
-    addresses: list[int]
     keys: tuple[str, ...]
     capturable: bool
     state: int  # the optimizer's state dict (identity)
@@ -68,7 +70,8 @@ class _Entry:
     dicts: list[dict[str, Any]]
     keys_used: list[str]
     tensors: list[Tensor]
-    calls: list[tuple[Batch, list[int]]]  # each call, and where its params are among `ids`
+    # Each call, where its params are among `ids`, and their addresses.
+    calls: list[tuple[Batch, list[int], list[int]]]
 
 
 class StepCache:
@@ -92,7 +95,6 @@ class StepCache:
             or entry.keys != keys
             or entry.capturable != bool(group.get("capturable"))
             or entry.state != id(state)
-            or entry.addresses != [p.data_ptr() for p in with_grad]
         ):
             return None
         # The same per-param state dicts, each still holding the same tensors (the user may assign a
@@ -104,12 +106,9 @@ class StepCache:
             return None
         grads = [p.grad for p in with_grad]
         calls = []
-        for call, positions in entry.calls:
+        for call, positions, addresses in entry.calls:
             call_grads = grads if len(positions) == len(grads) else [grads[i] for i in positions]
-            if call.backend == "reference":
-                if any(g.is_sparse for g in call_grads):
-                    return None
-            elif not grads_fit(call.params, call_grads):
+            if not grads_fit(call.params, call_grads, addresses, layout=call.backend != "reference"):
                 return None
             calls.append(dataclasses.replace(call, grads=call_grads))
         return calls
@@ -146,7 +145,6 @@ class StepCache:
         self._entries[id(group)] = _Entry(
             group=group,
             ids=tuple(map(id, with_grad)),
-            addresses=[p.data_ptr() for p in with_grad],
             keys=keys,
             capturable=bool(group.get("capturable")),
             state=id(state),
@@ -154,5 +152,8 @@ class StepCache:
             dicts=[d for d, _, _ in used],
             keys_used=[key for _, key, _ in used],
             tensors=[t for _, _, t in used],
-            calls=[(call, [position[id(p)] for p in call.owners]) for call in calls],
+            calls=[
+                (call, [position[id(p)] for p in call.owners], [p.data_ptr() for p in call.params])
+                for call in calls
+            ],
         )
