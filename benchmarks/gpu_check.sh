@@ -17,7 +17,9 @@
 #                       sanitize  compute-sanitizer memcheck over tests/gpu_sanitize.py
 #                       bench     benchmarks/run_all.py: every benchmark, full selections
 #                       optim bn train   one benchmark, the quick profile's selection
-#   GPU_CHECK_QUICK   1: the quick profile's defaults (below): steps "install tests sanitize optim bn
+#                       launches  benchmarks/step_launches.py: launches, kernel and wall time per
+#                                 optimizer step on ResNet-50's tensors
+#   GPU_CHECK_QUICK   1: the quick profile's defaults (below): steps "install tests launches sanitize optim bn
 #                     train", each stopped at its time limit so that the whole fits one 8-minute call
 #   PYTHON            the interpreter that has torch (default python3)
 #   arguments         passed to benchmarks/run_all.py in the bench step, e.g. --bench optim
@@ -25,7 +27,7 @@
 # A step past its time limit gets SIGINT (pytest and the benchmarks then print what they finished),
 # then SIGKILL 20 s later. Limits in seconds, full / quick profile:
 #   install 300/150   tests 1200/150   sanitize 600/90   bench 3600   optim 600/60   bn 600/70
-#   train 900/75
+#   train 900/75   launches 300/60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,11 +35,12 @@ OUT="${OUT:-gpu-out}"
 PY="${PYTHON:-python3}"
 QUICK="${GPU_CHECK_QUICK:-0}"
 if [ "$QUICK" = 1 ]; then
-    STEPS="${GPU_CHECK_STEPS:-install tests sanitize optim bn train}"
-    declare -A LIMIT=([install]=150 [tests]=150 [sanitize]=90 [optim]=60 [bn]=70 [train]=75)
+    STEPS="${GPU_CHECK_STEPS:-install tests launches sanitize optim bn train}"
+    declare -A LIMIT=([install]=150 [tests]=150 [sanitize]=90 [optim]=60 [bn]=70 [train]=75 [launches]=60)
 else
     STEPS="${GPU_CHECK_STEPS:-install tests sanitize bench}"
-    declare -A LIMIT=([install]=300 [tests]=1200 [sanitize]=600 [bench]=3600 [optim]=600 [bn]=600 [train]=900)
+    declare -A LIMIT=([install]=300 [tests]=1200 [sanitize]=600 [bench]=3600 [optim]=600 [bn]=600 [train]=900
+        [launches]=300)
 fi
 LOG="$OUT/gpu_check.log"
 RESULTS="$OUT/results"
@@ -76,9 +79,9 @@ bench() {
 
 for step in $STEPS; do
     case $step in
-    install | tests | sanitize | bench | optim | bn | train) ;;
+    install | tests | sanitize | bench | optim | bn | train | launches) ;;
     *)
-        echo "unknown step '$step' in GPU_CHECK_STEPS; choose from: install tests sanitize bench optim bn train" >&2
+        echo "unknown step '$step' in GPU_CHECK_STEPS; choose from: install tests sanitize bench optim bn train launches" >&2
         exit 2
         ;;
     esac
@@ -119,6 +122,7 @@ for step in $STEPS; do
             --layout channels_last --residual add
         ;;
     train) bench train --compile off ;;
+    launches) run launches "$PY" benchmarks/step_launches.py --device cuda ;;
     esac
 done
 
