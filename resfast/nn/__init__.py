@@ -6,7 +6,9 @@
 - `SyncBatchNormAddReLU`, `convert_sync_batchnorm`: the same with nn.SyncBatchNorm's statistics over
   processes.
 
-Importing this package imports neither Triton nor torchvision.
+Importing this package imports neither Triton nor torchvision. It registers a global module-registration
+hook (see `resfast.nn.sync`) so that torch's `nn.SyncBatchNorm.convert_sync_batchnorm` keeps fused
+modules fused.
 """
 
 from resfast.nn import cifar, functional

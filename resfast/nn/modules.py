@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resfast import backends
 from resfast.nn.functional import apply_checked, check_inputs, check_rank, select_backend
 
 __all__ = ["BatchNormAddReLU"]
+
+_Fused = TypeVar("_Fused", bound="BatchNormAddReLU")
 
 
 class BatchNormAddReLU(_BatchNorm):
@@ -23,8 +25,9 @@ class BatchNormAddReLU(_BatchNorm):
     checkpoints without num_batches_tracked, and code that looks for "a BatchNorm" (e.g. to exclude
     it from weight decay) still finds it; but code that rewrites `nn.BatchNorm2d` specifically, such
     as conv-bn folding, does not mistake it for a plain BatchNorm and silently drop the add and ReLU.
-    (`nn.SyncBatchNorm.convert_sync_batchnorm` does convert `_BatchNorm`s, into modules that take no
-    residual: a fused model then fails on its first forward; see docs/bn.md.)
+    (`nn.SyncBatchNorm.convert_sync_batchnorm` does convert `_BatchNorm`s, into plain SyncBatchNorms
+    that take no residual and apply no ReLU; importing `resfast.nn` makes each of those that replaces
+    a `BatchNormAddReLU` a `SyncBatchNormAddReLU` instead: see `resfast.nn.sync`.)
     """
 
     def __init__(
@@ -43,9 +46,10 @@ class BatchNormAddReLU(_BatchNorm):
         self.backend = backends.validate(backend)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, backend: str = "auto") -> BatchNormAddReLU:
+    def from_batchnorm(cls: type[_Fused], bn: _BatchNorm, backend: str = "auto") -> _Fused:
         """A fused module sharing bn's parameter and buffer tensors (so an optimizer built over the
-        original model keeps updating them) and its hyperparameters and training mode."""
+        original model keeps updating them, and their requires_grad is kept) and its hyperparameters
+        and training mode."""
         fused = cls(
             bn.num_features,
             bn.eps,

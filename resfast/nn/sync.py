@@ -9,6 +9,17 @@ gradient (as nn.SyncBatchNorm leaves them). Eval mode, and a single process, use
 
 The synchronised path is an autograd.Function that calls collectives: it runs eagerly (a model using it
 is not meant for torch.compile with fullgraph=True).
+
+torch's own converter, `nn.SyncBatchNorm.convert_sync_batchnorm` (what torchvision's reference training
+script runs for ``--sync-bn``), treats a `BatchNormAddReLU` as any `_BatchNorm`: it builds a plain
+`nn.SyncBatchNorm` over the same tensors and registers it on the parent under the same name. That
+module takes no residual and applies no ReLU, so a fused block's ``bn2(x, shortcut)`` would raise, and
+``relu(bn(x))`` layers, the fused stem's among them, would silently lose their ReLU. Importing this
+module therefore registers a global module-registration hook (`_keep_fused`): a plain
+`nn.SyncBatchNorm` registered in place of a `BatchNormAddReLU`, by any parent and by ``add_module`` or
+attribute assignment alike, becomes a `SyncBatchNormAddReLU` over the same tensors. The hook is
+global because the stem's parent is the model itself (a torchvision `ResNet`, which resfast does not
+own), and so that `BatchNormAddReLU`s in users' own containers are kept fused too.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from resfast.kernels import reference_bn
 from resfast.nn import functional
@@ -140,6 +152,18 @@ class SyncBatchNormAddReLU(BatchNormAddReLU):
         )
         self.process_group = process_group
 
+    @classmethod
+    def from_batchnorm(
+        cls, bn: _BatchNorm, backend: str = "auto", *, process_group: ProcessGroup | None = None
+    ) -> SyncBatchNormAddReLU:
+        """`BatchNormAddReLU.from_batchnorm`, synchronised over `process_group` (None: the default
+        group); a `qconfig` on bn is carried over, as torch's converter carries it."""
+        synced = super().from_batchnorm(bn, backend)
+        synced.process_group = process_group
+        if hasattr(bn, "qconfig"):
+            synced.qconfig = bn.qconfig
+        return synced
+
     def _group(self) -> ProcessGroup | None:
         return dist.group.WORLD if self.process_group is None else self.process_group
 
@@ -169,17 +193,32 @@ def convert_sync_batchnorm(model: nn.Module, process_group: ProcessGroup | None 
     """`nn.SyncBatchNorm.convert_sync_batchnorm` for fused models, in place.
 
     Every `BatchNormAddReLU` becomes a `SyncBatchNormAddReLU` sharing its tensors, and every other
-    BatchNorm an `nn.SyncBatchNorm` (torch's converter), synchronised over `process_group` (None: the
-    default group). Returns `model` (a new module when `model` is itself a BatchNorm). torch's own
-    converter must not be used on a fused model: it would replace the fused modules by SyncBatchNorms,
-    which take no residual and apply no ReLU.
+    BatchNorm an `nn.SyncBatchNorm`, synchronised over `process_group` (None: the default group).
+    Returns `model` (a new module when `model` is itself a BatchNorm). Inside a model this is what
+    torch's converter does too, through `_keep_fused`; only a `BatchNormAddReLU` passed as `model`
+    itself, which has no parent to register it, needs this function.
     """
     if isinstance(model, BatchNormAddReLU):
-        synced = SyncBatchNormAddReLU.from_batchnorm(model, model.backend)  # type: ignore[arg-type]
-        synced.process_group = process_group
-        return synced
-    if isinstance(model, _BatchNorm):
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
-    for name, child in model.named_children():
-        setattr(model, name, convert_sync_batchnorm(child, process_group))
-    return model
+        return SyncBatchNormAddReLU.from_batchnorm(model, model.backend, process_group=process_group)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+
+
+def _keep_fused(parent: nn.Module, name: str, module: nn.Module | None) -> nn.Module | None:
+    """Module-registration hook: `module`, about to be registered as `parent.<name>`, as a
+    `SyncBatchNormAddReLU` if it is a plain `nn.SyncBatchNorm` replacing a `BatchNormAddReLU`; None
+    (register `module` unchanged) otherwise.
+
+    torch's converter has copied the fused module's tensors (so requires_grad too), eps, momentum,
+    training mode and qconfig into the SyncBatchNorm, and set its process group; the backend, which
+    it does not know, is the replaced module's. Subclasses of nn.SyncBatchNorm are left alone: their
+    forward may be their own."""
+    if type(module) is not nn.SyncBatchNorm:  # first: the hook sees every registration in the process
+        return None
+    replaced = parent._modules.get(name)
+    if not isinstance(replaced, BatchNormAddReLU):
+        return None
+    return SyncBatchNormAddReLU.from_batchnorm(module, replaced.backend, process_group=module.process_group)
+
+
+# Kept so that the hook could be removed; registered once, when resfast.nn is first imported.
+_KEEP_FUSED_HOOK = register_module_module_registration_hook(_keep_fused)
