@@ -214,9 +214,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_(const at::Tensor& x_in, const std::
     check_channels(op, "running_var", *running_var, C);
   }
   const int64_t M = C == 0 ? 0 : x_in.numel() / C;
-  // torch.nn.functional.batch_norm's refusal, word for word (its ValueError).
-  TORCH_CHECK_VALUE(M != 1, "Expected more than 1 value per channel when training, got input size ",
-                    x_in.sizes());
+  // torch.nn.functional.batch_norm's refusal, word for word (its ValueError, and its torch.Size repr).
+  TORCH_CHECK_VALUE(M != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
+                    x_in.sizes(), ")");
   const at::TensorOptions f32 = x_in.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32);
   if (M == 0) {
