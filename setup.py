@@ -59,6 +59,10 @@ def _extension_kwargs() -> dict:
         "csrc/cpu/cuda_kernel_on_host.cpp",
         "csrc/cpu/optim_avx2.cpp",
         "csrc/cpu/optim_avx512.cpp",
+        "csrc/bn_ops.cpp",
+        "csrc/cpu/bn.cpp",
+        "csrc/cpu/bn_avx2.cpp",
+        "csrc/cpu/bn_avx512.cpp",
     ]
     # No -std flag: torch's build helper passes the standard the installed torch needs (C++17 or 20).
     # -fno-math-errno: nothing reads errno, and it lets the compiler vectorise sqrt in the baseline build.

@@ -81,6 +81,12 @@ def _triton_bn() -> ModuleType:
     return triton_bn
 
 
+def _native_bn() -> ModuleType:
+    from resfast.kernels import native_bn
+
+    return native_bn
+
+
 KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
     # Same functions with the same signatures in every module: sgd, rmsprop, adagrad, adam.
     "optimizer": {
@@ -89,8 +95,9 @@ KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
         "cpu": _native_optim,
         "cuda": _native_optim,
     },
-    # batch_stats, forward, backward, grad_input. The native extension has no BN kernels yet.
-    "batch_norm_add_relu": {"reference": _reference_bn, "triton": _triton_bn},
+    # batch_stats, forward, backward, grad_input. The native extension has CPU BN kernels only (no
+    # CUDA driver yet), so `cuda` is absent here and `auto` on a GPU picks triton.
+    "batch_norm_add_relu": {"reference": _reference_bn, "triton": _triton_bn, "cpu": _native_bn},
 }
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resfast import backends
+
 # How a test tensor sits in memory:
 # - nchw: contiguous.
 # - channels_last: channels innermost (for 4-D, torch.channels_last).
@@ -17,6 +19,24 @@ from torch import Tensor, nn
 # - cropped: the last dim cut short, so the spatial dims cannot be flattened into one stride
 #   (4-D only; the Triton launcher copies it).
 LAYOUTS = ("nchw", "channels_last", "sliced", "cropped")
+
+
+def backend_marks(name: str) -> tuple:
+    """A BN backend's test marks: the native `cpu` one skips, saying why, where the extension is not
+    built (the Triton ones run on the CPU under TRITON_INTERPRET=1, as the suite is run)."""
+    if name == "cpu" and (why := backends.native_extension()[1]) is not None:
+        return (pytest.mark.skip(reason=f"native extension not built: {why}"),)
+    return ()
+
+
+def backend_params(names: tuple[str, ...]) -> list:
+    """The BN backends as test parameters, with `backend_marks`."""
+    return [pytest.param(name, marks=backend_marks(name), id=name) for name in names]
+
+
+def available_backends(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The backends of `names` that can run here (for tests that loop over backends)."""
+    return tuple(name for name in names if not backend_marks(name))
 
 
 def make(

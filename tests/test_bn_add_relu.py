@@ -15,6 +15,8 @@ from tests.bn_helpers import (
     LAYOUTS,
     assert_close_to_float64,
     assert_stats_close,
+    backend_marks,
+    backend_params,
     make,
     poisoned_memory,  # noqa: F401 (fixture)
     same_layout,
@@ -24,7 +26,8 @@ from tests.bn_helpers import (
 
 pytestmark = pytest.mark.usefixtures("poisoned_memory")
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
+BACKEND_PARAMS = backend_params(BACKENDS)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # C = 1, H = W = 1, N = 1, 2-D, 3-D, odd sizes, the fewest values torch accepts in training (2),
 # and enough samples (16) that a Triton reduction program folds several tiles.
@@ -115,7 +118,7 @@ def _run(op, inputs: dict, dtype: torch.dtype | None, training: bool) -> tuple[t
     return y, dict(zip(leaves, grads, strict=True)), stats
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=backend_marks(c.backend), id=str(c)) for c in CASES])
 def test_matches_unfused_float64(case: Case) -> None:
     inputs = _inputs(case)
 
@@ -184,7 +187,7 @@ def test_triton_many_tiles_programs_and_channel_blocks(monkeypatch, layout: str,
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_mixed_layouts(backend: str) -> None:
     """x channels_last, residual NCHW, dy sliced: each tensor is read through its own strides."""
     gen = torch.Generator().manual_seed(2)
@@ -197,7 +200,7 @@ def test_mixed_layouts(backend: str) -> None:
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_statistics_of_large_mean_small_spread(backend: str) -> None:
     """mean 1000, std 0.01: sum(x^2) - sum(x)^2 / M in fp32 would lose every digit of the variance
     (1e6 against 1e-4); the Welford/Chan combination keeps it to a few fp32 ulps of the mean."""
@@ -212,7 +215,7 @@ def test_statistics_of_large_mean_small_spread(backend: str) -> None:
     torch.testing.assert_close(y.double(), y64, rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_expanded_output_gradient(backend: str) -> None:
     """y.sum() gives a stride-0 gradient; the kernels read it in place."""
     gen = torch.Generator().manual_seed(4)
@@ -223,7 +226,7 @@ def test_expanded_output_gradient(backend: str) -> None:
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("needed", [("residual",), ("weight", "bias"), ("x",), ("bias",)], ids="+".join)
 def test_only_requested_gradients(backend: str, needed: tuple[str, ...]) -> None:
     """Gradients are returned for exactly the inputs that require them, and are right."""
@@ -248,7 +251,7 @@ def test_only_requested_gradients(backend: str, needed: tuple[str, ...]) -> None
         torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_nan_propagates_like_torch(backend: str) -> None:
     """A NaN in x poisons its channel's statistics: the whole channel is NaN, as in PyTorch (a ReLU
     written as max(z, 0) would turn it into zeros and hide it)."""
@@ -259,7 +262,7 @@ def test_nan_propagates_like_torch(backend: str) -> None:
     assert not y[:, [0, 2]].isnan().any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_empty_batch_like_torch(backend: str) -> None:
     x = torch.randn(0, 3, 4, 4, requires_grad=True)
     w = torch.ones(3, requires_grad=True)
@@ -271,7 +274,7 @@ def test_empty_batch_like_torch(backend: str) -> None:
     assert torch.equal(rm, torch.full((3,), 2.0)) and torch.equal(rv, torch.full((3,), 3.0))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_double_backward_is_refused(backend: str) -> None:
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     (gx,) = torch.autograd.grad(

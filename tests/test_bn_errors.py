@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resfast.backends import BackendUnavailable
+from resfast.backends import BackendUnavailable, implementing
 from resfast.nn import BatchNormAddReLU
 from resfast.nn.functional import batch_norm_add_relu
 
@@ -148,10 +148,11 @@ def test_functional_errors(_, changes, error, pattern) -> None:
 
 
 def test_backends_without_kernels_for_this_op() -> None:
-    """auto skips backends with no kernels for this op (the native extension, built for the
-    optimizers, would be auto's first CPU choice); asking for one explicitly says why it cannot."""
+    """auto skips backends with no kernels for this op (the native extension has optimizer kernels for
+    CUDA but no BN driver there); asking for one explicitly says why it cannot."""
     x = torch.randn(2, 3, 2, 2)
     expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     torch.testing.assert_close(batch_norm_add_relu(x, None, None, None, training=True), expected)
+    assert "cuda" not in implementing("batch_norm_add_relu")
     with pytest.raises(BackendUnavailable, match="no batch_norm_add_relu kernels"):
-        batch_norm_add_relu(x, None, None, None, training=True, backend="cpu")
+        batch_norm_add_relu(x, None, None, None, training=True, backend="cuda")

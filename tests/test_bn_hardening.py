@@ -1,7 +1,7 @@
 """Hardening of the fused BatchNorm + add + ReLU (issue 10): random shapes x layouts x dtypes x modes
 (property tests), NaN/Inf, run-to-run reproducibility, and the regressions found on the way.
 
-Property test: `BatchNormAddReLU` on the triton backend against the reference backend, both against
+Property test: `BatchNormAddReLU` on the triton and cpu backends against the reference backend, all against
 PyTorch's unfused ``relu(nn.BatchNorm(x) + residual)`` computed in float64, on the output, every
 gradient and every buffer. Shapes are 2-D, 3-D and 4-D with sizes 1 to 5 (N = 1, C = 1, H = W = 1 and
 odd sizes); x, the residual and the incoming gradient each take any layout of ``_LAYOUTS``
@@ -39,6 +39,8 @@ from resfast.nn.functional import batch_norm_add_relu
 from tests.bn_helpers import (
     assert_close_to_float64,
     assert_stats_close,
+    available_backends,
+    backend_params,
     make,
     max_error,
     poisoned_memory,  # noqa: F401 (fixture)
@@ -53,7 +55,8 @@ settings.register_profile("resfast-bn-ci", max_examples=20, deadline=None, deran
 settings.register_profile("resfast-bn-long", max_examples=500, deadline=None, print_blob=True)
 PROFILE = settings.get_profile("resfast-bn-" + os.environ.get("RESFAST_HYPOTHESIS_PROFILE", "ci"))
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu")
+BACKEND_PARAMS = backend_params(BACKENDS)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # bn_helpers.LAYOUTS plus "transposed": dense, but not in NCHW order: for 4-D the spatial dims swapped
 # (x.transpose(2, 3): not flattenable into one spatial stride, and empty_like keeps it), for 2-D and
@@ -179,7 +182,9 @@ def _assert_as_close_as_torch(
     rounding = max(torch.finfo(mine.dtype).eps, math.log2(max(count, 2)) * torch.finfo(torch.float32).eps)
     floor = 2 * rounding * max(1.0, scale, truth.abs().max().item() if truth.numel() else 0.0)
     err = max_error(mine, ref)
-    assert err <= 2 * torch_err + floor, f"{what}: triton - reference {err:.3g} > {2 * torch_err + floor:.3g}"
+    assert err <= 2 * torch_err + floor, (
+        f"{what}: fast backend - reference {err:.3g} > {2 * torch_err + floor:.3g}"
+    )
 
 
 @PROFILE
@@ -198,7 +203,7 @@ def test_triton_and_reference_match_unfused_float64(case: Case) -> None:
     count = values_per_channel(case.shape)
     scales = {"x": _dx_scale(case, ours, x, dy)}
     results = {}
-    for backend in BACKENDS:
+    for backend in available_backends(BACKENDS):
         ours.backend = backend
         y, grads, buffers = results[backend] = _step(ours, x, residual, dy, fused=True)
         assert y.dtype == case.dtype
@@ -220,21 +225,24 @@ def test_triton_and_reference_match_unfused_float64(case: Case) -> None:
             else:
                 assert torch.equal(buf, truth[2][name]), f"{backend} {name}"
 
-    (y_t, g_t, b_t), (y_r, g_r, b_r) = results["triton"], results["reference"]
-    _assert_as_close_as_torch(y_t, y_r, truth[0], max_error(same_dtype[0], truth[0]), "y", count)
-    for name in g_t:
-        torch_err = max_error(same_dtype[1][name], truth[1][name])
-        _assert_as_close_as_torch(
-            g_t[name], g_r[name], truth[1][name], torch_err, name, count, scales.get(name, 0.0)
-        )
-    for name in b_t:
-        torch.testing.assert_close(b_t[name], b_r[name], rtol=1e-5, atol=1e-6, msg=name)
+    # Each fast backend against the reference (the specification).
+    y_r, g_r, b_r = results["reference"]
+    for backend in set(results) - {"reference"}:
+        y_t, g_t, b_t = results[backend]
+        _assert_as_close_as_torch(y_t, y_r, truth[0], max_error(same_dtype[0], truth[0]), "y", count)
+        for name in g_t:
+            torch_err = max_error(same_dtype[1][name], truth[1][name])
+            _assert_as_close_as_torch(
+                g_t[name], g_r[name], truth[1][name], torch_err, name, count, scales.get(name, 0.0)
+            )
+        for name in b_t:
+            torch.testing.assert_close(b_t[name], b_r[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ---- values: NaN / Inf -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -279,7 +287,7 @@ def test_non_finite_input_propagates_like_torch(
 # ---- values: reproducibility --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_bitwise_reproducible_run_to_run(monkeypatch, backend: str, dtype: torch.dtype) -> None:
     """Twice on the same inputs: output, every gradient and the running stats are bit-identical.
@@ -313,7 +321,7 @@ def test_bitwise_reproducible_run_to_run(monkeypatch, backend: str, dtype: torch
 # ---- regressions ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_dense_input_with_swapped_spatial_dims(backend: str, training: bool) -> None:
     """Regression: x.transpose(2, 3) is dense, so the outputs (empty_like(x)) take its layout, whose
@@ -336,7 +344,7 @@ def test_dense_input_with_swapped_spatial_dims(backend: str, training: bool) -> 
         torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_backward_reads_strided_weight_and_running_stats(backend: str, training: bool) -> None:
     """Regression: the triton backward indexed the saved weight (and, in eval, the running stats it

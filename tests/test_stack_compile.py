@@ -133,12 +133,15 @@ def _skip_unless_available(backend: str, implemented: tuple[str, ...] = backends
         pytest.skip(f"{e} (set TRITON_INTERPRET=1 to run Triton on the CPU)")
 
 
-# Every layout (a cropped x is copied by the Triton launchers, a channels_last one read in place) and
-# dtype on the reference; the Triton kernels, slow under the interpreter, on two of them.
+# Every layout (a cropped x is copied by the Triton launchers and the native CPU driver, a
+# channels_last one read in place) and dtype on the reference; the Triton kernels, slow under the
+# interpreter, and the native ones (their own ops are opchecked in test_bn_native.py) on two of them.
 OPCHECK_CASES = [
     *(("reference", layout, dtype) for layout in ("nchw", "channels_last", "cropped") for dtype in DTYPES),
     ("triton", "channels_last", torch.bfloat16),
     ("triton", "cropped", torch.float32),
+    ("cpu", "channels_last", torch.bfloat16),
+    ("cpu", "cropped", torch.float32),
 ]
 
 
@@ -148,7 +151,7 @@ OPCHECK_CASES = [
 def test_opcheck_bn_ops(backend: str, layout: str, dtype: torch.dtype) -> None:
     """Schemas, fake implementations (shapes, dtypes and strides), the autograd formula and the
     declared mutation pass torch's own checks, for each backend behind the ops."""
-    _skip_unless_available(backend, implemented=("reference", "triton"))
+    _skip_unless_available(backend, implemented=backends.implementing("batch_norm_add_relu"))
     for name, args in _bn_cases(backend, layout, dtype).items():
         op = getattr(torch.ops.resfast, name.split()[0]).default
         torch.library.opcheck(op, args)
@@ -158,7 +161,9 @@ def test_every_registered_op_is_opchecked() -> None:
     """A new op in the resfast namespace must join an opcheck table (here or test_cext_ops.py)."""
     checked = {name.split()[0] for name in _bn_cases("reference", "nchw", torch.float32)}
     if backends.native_extension()[0] is not None:
-        checked |= set(optimizer_op_cases())
+        from tests.test_bn_native import native_op_cases
+
+        checked |= set(optimizer_op_cases()) | {name.split()[0] for name in native_op_cases()}
     registered = {
         n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("resfast::")
     }

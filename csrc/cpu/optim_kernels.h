@@ -7,11 +7,10 @@
 #include <cstdint>
 
 #include "../optim_math.h"
+#include "storage.h"
 #include "x86_variants.h"
 
 namespace resfast::cpu {
-
-enum class Storage { Float, BFloat16, Half };
 
 // Elements [begin, end) of one param's tensors, in the op's list order (param, grad, states...).
 struct Chunk {

@@ -1,0 +1,405 @@
+// The CPU BN inner loops, written once over ATen's SIMD vector of floats and compiled once per
+// instruction set: bn.cpp (the baseline), bn_avx2.cpp and bn_avx512.cpp, each defining
+// CPU_CAPABILITY first (see optim_kernels_impl.h for the scheme).
+//
+// Every loop walks an item's data along the plan's memory-contiguous axis one fp32 vector at a time
+// (bf16/fp16 loaded as Vec::size() values and widened, rounded to nearest-even on store), with the
+// remainder of a run or of a position's channels done by the same maths on scalars. The maths is
+// csrc/bn_math.h; the item layout csrc/bn_plan.h.
+#pragma once
+
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../bn_math.h"
+#include "bn_kernels.h"
+
+namespace resfast::bn {
+
+template <>
+struct BnElementwise<at::vec::Vectorized<float>> {
+  using Vec = at::vec::Vectorized<float>;
+  // Lanes below zero become 0; NaN lanes compare false and stay NaN, as torch.relu.
+  static Vec relu(const Vec& z) { return Vec::blendv(z, Vec(0.f), z < Vec(0.f)); }
+  // The comparison is an all-ones lane mask where y > 0 (false for NaN).
+  static Vec pass_where_positive(const Vec& y, const Vec& dy) { return (y > Vec(0.f)) & dy; }
+};
+
+}  // namespace resfast::bn
+
+namespace resfast::cpu::CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+template <typename T>
+inline Vec vload(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+template <typename T>
+inline void vstore(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    // The 16-bit vector holds 2 * kW values; only the first kW are stored.
+    at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(kW));
+  }
+}
+
+template <typename T>
+inline float sload(const T* p) {
+  return static_cast<float>(*p);
+}
+
+// Sum of the lanes, in lane order (the result depends on nothing but the data).
+inline float hsum(const Vec& v) {
+  float lanes[kW];
+  v.store(lanes);
+  float s = 0.f;
+  for (int64_t k = 0; k < kW; ++k) s += lanes[k];
+  return s;
+}
+
+// Channels-first: f(pointer offset of the run's first element without the channel term, length) for
+// each run of an item: a run is the values of one sample at consecutive spatial positions.
+template <typename F>
+inline void for_each_run(const bn::Plan& p, const bn::ItemRange& r, F&& f) {
+  int64_t n = r.q0 / p.S, s = r.q0 % p.S;
+  for (int64_t q = r.q0; q < r.q1; ++n, s = 0) {
+    const int64_t len = std::min(p.S - s, r.q1 - q);
+    f(n, s, len);
+    q += len;
+  }
+}
+
+// Channels-last: f(n, s) for each position of an item.
+template <typename F>
+inline void for_each_position(const bn::Plan& p, const bn::ItemRange& r, F&& f) {
+  int64_t n = r.q0 / p.S, s = r.q0 % p.S;
+  for (int64_t q = r.q0; q < r.q1; ++q) {
+    f(n, s);
+    if (++s == p.S) {
+      s = 0;
+      ++n;
+    }
+  }
+}
+
+template <typename T>
+inline T* ptr_at(const bn::Operand& o, int64_t n, int64_t s, int64_t c) {
+  return static_cast<T*>(o.data) + bn::offset(o, n, s, c);
+}
+
+// ---- forward statistics ----------------------------------------------------------------------
+
+template <typename T>
+void stats_items(const BnStatsJob& job, int64_t first, int64_t last) {
+  const bn::Plan& p = job.plan;
+  for (int64_t item = first; item < last; ++item) {
+    const bn::ItemRange r = bn::item_range(p, item);
+    const float count = static_cast<float>(r.q1 - r.q0);
+    if (!p.channels_last) {
+      // Pass 1: the item's mean; pass 2: squared deviations from it, over the same (cached) runs.
+      Vec acc(0.f);
+      float tail = 0.f;
+      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+        const T* x = ptr_at<T>(job.x, n, s, r.c);
+        int64_t k = 0;
+        for (; k + kW <= len; k += kW) acc = acc + vload(x + k);
+        for (; k < len; ++k) tail += sload(x + k);
+      });
+      const float mean = (hsum(acc) + tail) / count;
+      const Vec vmean(mean);
+      Vec acc2(0.f);
+      float tail2 = 0.f;
+      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+        const T* x = ptr_at<T>(job.x, n, s, r.c);
+        int64_t k = 0;
+        for (; k + kW <= len; k += kW) {
+          const Vec d = vload(x + k) - vmean;
+          acc2 = at::vec::fmadd(d, d, acc2);
+        }
+        for (; k < len; ++k) {
+          const float d = sload(x + k) - mean;
+          tail2 += d * d;
+        }
+      });
+      const int64_t i = bn::partial_index(p, r.j, r.c);
+      job.mean[i] = mean;
+      job.m2[i] = hsum(acc2) + tail2;
+    } else {
+      // The same two passes, every channel at once: the partial arrays are the accumulators.
+      const int64_t C = p.C;
+      float* mean = job.mean + bn::partial_index(p, r.j, 0);
+      float* m2 = job.m2 + bn::partial_index(p, r.j, 0);
+      std::fill(mean, mean + C, 0.f);
+      std::fill(m2, m2 + C, 0.f);
+      for_each_position(p, r, [&](int64_t n, int64_t s) {
+        const T* x = ptr_at<T>(job.x, n, s, 0);
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) (Vec::loadu(mean + c) + vload(x + c)).store(mean + c);
+        for (; c < C; ++c) mean[c] += sload(x + c);
+      });
+      const float inv_count = 1.f / count;
+      for (int64_t c = 0; c < C; ++c) mean[c] = mean[c] * inv_count;
+      for_each_position(p, r, [&](int64_t n, int64_t s) {
+        const T* x = ptr_at<T>(job.x, n, s, 0);
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          const Vec d = vload(x + c) - Vec::loadu(mean + c);
+          at::vec::fmadd(d, d, Vec::loadu(m2 + c)).store(m2 + c);
+        }
+        for (; c < C; ++c) {
+          const float d = sload(x + c) - mean[c];
+          m2[c] += d * d;
+        }
+      });
+    }
+  }
+}
+
+// ---- forward: normalise + add + ReLU ---------------------------------------------------------
+
+template <typename T, bool kResidual>
+void apply_items(const BnApplyJob& job, int64_t first, int64_t last) {
+  const bn::Plan& p = job.plan;
+  for (int64_t item = first; item < last; ++item) {
+    const bn::ItemRange r = bn::item_range(p, item);
+    if (!p.channels_last) {
+      const int64_t c = r.c;
+      const float mean = job.mean[c], scale = job.scale[c], bias = job.bias[c];
+      const Vec vmean(mean), vscale(scale), vbias(bias);
+      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+        const T* x = ptr_at<T>(job.x, n, s, c);
+        T* y = ptr_at<T>(job.y, n, s, c);
+        const T* res = kResidual ? ptr_at<T>(job.residual, n, s, c) : nullptr;
+        int64_t k = 0;
+        for (; k + kW <= len; k += kW) {
+          if constexpr (kResidual) {
+            vstore(y + k, bn::normalize_add_relu(vload(x + k), vload(res + k), vmean, vscale, vbias));
+          } else {
+            vstore(y + k, bn::normalize_relu(vload(x + k), vmean, vscale, vbias));
+          }
+        }
+        for (; k < len; ++k) {
+          if constexpr (kResidual) {
+            y[k] = static_cast<T>(bn::normalize_add_relu(sload(x + k), sload(res + k), mean, scale, bias));
+          } else {
+            y[k] = static_cast<T>(bn::normalize_relu(sload(x + k), mean, scale, bias));
+          }
+        }
+      });
+    } else {
+      const int64_t C = p.C;
+      for_each_position(p, r, [&](int64_t n, int64_t s) {
+        const T* x = ptr_at<T>(job.x, n, s, 0);
+        T* y = ptr_at<T>(job.y, n, s, 0);
+        const T* res = kResidual ? ptr_at<T>(job.residual, n, s, 0) : nullptr;
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          const Vec vmean = Vec::loadu(job.mean + c), vscale = Vec::loadu(job.scale + c);
+          const Vec vbias = Vec::loadu(job.bias + c);
+          if constexpr (kResidual) {
+            vstore(y + c, bn::normalize_add_relu(vload(x + c), vload(res + c), vmean, vscale, vbias));
+          } else {
+            vstore(y + c, bn::normalize_relu(vload(x + c), vmean, vscale, vbias));
+          }
+        }
+        for (; c < C; ++c) {
+          if constexpr (kResidual) {
+            y[c] = static_cast<T>(
+                bn::normalize_add_relu(sload(x + c), sload(res + c), job.mean[c], job.scale[c], job.bias[c]));
+          } else {
+            y[c] = static_cast<T>(bn::normalize_relu(sload(x + c), job.mean[c], job.scale[c], job.bias[c]));
+          }
+        }
+      });
+    }
+  }
+}
+
+// ---- backward pass 1: dz, sum(dz), sum(dz * (x - mean)) --------------------------------------
+
+template <typename T>
+void grad_reduce_items(const BnGradReduceJob& job, int64_t first, int64_t last) {
+  const bn::Plan& p = job.plan;
+  for (int64_t item = first; item < last; ++item) {
+    const bn::ItemRange r = bn::item_range(p, item);
+    if (!p.channels_last) {
+      const int64_t c = r.c;
+      const float mean = job.mean[c];
+      const Vec vmean(mean);
+      Vec acc_dz(0.f), acc_dz_xc(0.f);
+      float tail_dz = 0.f, tail_dz_xc = 0.f;
+      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+        const T* dy = ptr_at<T>(job.dy, n, s, c);
+        const T* y = ptr_at<T>(job.y, n, s, c);
+        const T* x = ptr_at<T>(job.x, n, s, c);
+        T* dz = ptr_at<T>(job.dz, n, s, c);
+        int64_t k = 0;
+        for (; k + kW <= len; k += kW) {
+          const Vec g = bn::relu_grad(vload(dy + k), vload(y + k));
+          vstore(dz + k, g);
+          acc_dz = acc_dz + g;
+          acc_dz_xc = at::vec::fmadd(g, vload(x + k) - vmean, acc_dz_xc);
+        }
+        for (; k < len; ++k) {
+          const float g = bn::relu_grad(sload(dy + k), sload(y + k));
+          dz[k] = static_cast<T>(g);
+          tail_dz += g;
+          tail_dz_xc += g * (sload(x + k) - mean);
+        }
+      });
+      const int64_t i = bn::partial_index(p, r.j, c);
+      job.sum_dz[i] = hsum(acc_dz) + tail_dz;
+      job.sum_dz_xc[i] = hsum(acc_dz_xc) + tail_dz_xc;
+    } else {
+      const int64_t C = p.C;
+      float* sum_dz = job.sum_dz + bn::partial_index(p, r.j, 0);
+      float* sum_dz_xc = job.sum_dz_xc + bn::partial_index(p, r.j, 0);
+      std::fill(sum_dz, sum_dz + C, 0.f);
+      std::fill(sum_dz_xc, sum_dz_xc + C, 0.f);
+      for_each_position(p, r, [&](int64_t n, int64_t s) {
+        const T* dy = ptr_at<T>(job.dy, n, s, 0);
+        const T* y = ptr_at<T>(job.y, n, s, 0);
+        const T* x = ptr_at<T>(job.x, n, s, 0);
+        T* dz = ptr_at<T>(job.dz, n, s, 0);
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          const Vec g = bn::relu_grad(vload(dy + c), vload(y + c));
+          vstore(dz + c, g);
+          (Vec::loadu(sum_dz + c) + g).store(sum_dz + c);
+          const Vec xc = vload(x + c) - Vec::loadu(job.mean + c);
+          at::vec::fmadd(g, xc, Vec::loadu(sum_dz_xc + c)).store(sum_dz_xc + c);
+        }
+        for (; c < C; ++c) {
+          const float g = bn::relu_grad(sload(dy + c), sload(y + c));
+          dz[c] = static_cast<T>(g);
+          sum_dz[c] += g;
+          sum_dz_xc[c] += g * (sload(x + c) - job.mean[c]);
+        }
+      });
+    }
+  }
+}
+
+// ---- backward pass 2: dx ---------------------------------------------------------------------
+
+template <typename T, bool kTraining>
+void grad_input_items(const BnGradInputJob& job, int64_t first, int64_t last) {
+  const bn::Plan& p = job.plan;
+  for (int64_t item = first; item < last; ++item) {
+    const bn::ItemRange r = bn::item_range(p, item);
+    if (!p.channels_last) {
+      const int64_t c = r.c;
+      const float mean = job.mean[c], alpha = job.alpha[c], beta = job.beta[c], gamma = job.gamma[c];
+      const Vec vmean(mean), valpha(alpha), vbeta(beta), vgamma(gamma);
+      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+        const T* dz = ptr_at<T>(job.dz, n, s, c);
+        const T* x = kTraining ? ptr_at<T>(job.x, n, s, c) : nullptr;
+        T* dx = ptr_at<T>(job.dx, n, s, c);
+        int64_t k = 0;
+        for (; k + kW <= len; k += kW) {
+          if constexpr (kTraining) {
+            vstore(dx + k, bn::grad_input(vload(dz + k), vload(x + k) - vmean, valpha, vbeta, vgamma));
+          } else {
+            vstore(dx + k, bn::grad_input_eval(vload(dz + k), valpha));
+          }
+        }
+        for (; k < len; ++k) {
+          if constexpr (kTraining) {
+            dx[k] = static_cast<T>(bn::grad_input(sload(dz + k), sload(x + k) - mean, alpha, beta, gamma));
+          } else {
+            dx[k] = static_cast<T>(bn::grad_input_eval(sload(dz + k), alpha));
+          }
+        }
+      });
+    } else {
+      const int64_t C = p.C;
+      for_each_position(p, r, [&](int64_t n, int64_t s) {
+        const T* dz = ptr_at<T>(job.dz, n, s, 0);
+        const T* x = kTraining ? ptr_at<T>(job.x, n, s, 0) : nullptr;
+        T* dx = ptr_at<T>(job.dx, n, s, 0);
+        int64_t c = 0;
+        for (; c + kW <= C; c += kW) {
+          const Vec valpha = Vec::loadu(job.alpha + c);
+          if constexpr (kTraining) {
+            const Vec xc = vload(x + c) - Vec::loadu(job.mean + c);
+            const Vec vbeta = Vec::loadu(job.beta + c), vgamma = Vec::loadu(job.gamma + c);
+            vstore(dx + c, bn::grad_input(vload(dz + c), xc, valpha, vbeta, vgamma));
+          } else {
+            vstore(dx + c, bn::grad_input_eval(vload(dz + c), valpha));
+          }
+        }
+        for (; c < C; ++c) {
+          if constexpr (kTraining) {
+            dx[c] = static_cast<T>(
+                bn::grad_input(sload(dz + c), sload(x + c) - job.mean[c], job.alpha[c], job.beta[c], job.gamma[c]));
+          } else {
+            dx[c] = static_cast<T>(bn::grad_input_eval(sload(dz + c), job.alpha[c]));
+          }
+        }
+      });
+    }
+  }
+}
+
+// ---- entry points: the storage dtype (and options) chosen once per call ------------------------
+
+template <template <typename> class Kernel, typename Job>
+void by_storage(const Job& job, int64_t first, int64_t last) {
+  switch (job.storage) {
+    case Storage::Float: return Kernel<float>::run(job, first, last);
+    case Storage::BFloat16: return Kernel<c10::BFloat16>::run(job, first, last);
+    case Storage::Half: return Kernel<c10::Half>::run(job, first, last);
+  }
+}
+
+template <typename T>
+struct Stats {
+  static void run(const BnStatsJob& job, int64_t first, int64_t last) { stats_items<T>(job, first, last); }
+};
+template <typename T>
+struct Apply {
+  static void run(const BnApplyJob& job, int64_t first, int64_t last) {
+    if (job.residual.data != nullptr) return apply_items<T, true>(job, first, last);
+    apply_items<T, false>(job, first, last);
+  }
+};
+template <typename T>
+struct GradReduce {
+  static void run(const BnGradReduceJob& job, int64_t first, int64_t last) {
+    grad_reduce_items<T>(job, first, last);
+  }
+};
+template <typename T>
+struct GradInput {
+  static void run(const BnGradInputJob& job, int64_t first, int64_t last) {
+    if (job.training) return grad_input_items<T, true>(job, first, last);
+    grad_input_items<T, false>(job, first, last);
+  }
+};
+
+}  // namespace
+
+BnKernels bn_kernels() {
+  return BnKernels{&by_storage<Stats, BnStatsJob>, &by_storage<Apply, BnApplyJob>,
+                   &by_storage<GradReduce, BnGradReduceJob>, &by_storage<GradInput, BnGradInputJob>};
+}
+
+}  // namespace resfast::cpu::CPU_CAPABILITY
