@@ -39,10 +39,14 @@ def _cases():
         "adagrad_": (ops.adagrad_.default, (p, g, sq, torch.full((4, 3), 0.1), None, None, True, False)),
         "adam_": (ops.adam_.default, (p, g, m, v, vmax, adam_coef, None, None, 2, False)),
         "count_steps_": (ops.count_steps_.default, (steps, torch.tensor([0.0]))),
+        "adam_coef": (ops.adam_coef.default, (steps, torch.tensor(0.01), 0.0, 0.9, 0.999, 1e-8, 0.1, 2)),
+        "adagrad_coef": (ops.adagrad_coef.default, (steps, None, 0.01, 0.1, 0.0, 1e-10)),
     }
 
 
-@pytest.mark.parametrize("name", ["sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_"])
+@pytest.mark.parametrize(
+    "name", ["sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_", "adam_coef", "adagrad_coef"]
+)
 def test_opcheck(name):
     op, args = _cases()[name]
     torch.library.opcheck(op, args)

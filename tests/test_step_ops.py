@@ -1,6 +1,7 @@
 """The native ops over step counters (csrc/step_ops.h): count_steps_, and the coefficient tables that
 depend on the counts (adam_coef, adagrad_coef), against resfast/kernels/optim_coef.py's torch-op
-tables, which the Triton backend uses without the extension. Also the kept tables of SGD and RMSprop."""
+tables, which the Triton backend uses without the extension. Also the kept tables of SGD and RMSprop.
+(Their opchecks are in tests/test_cext_ops.py with the other ops'.)"""
 
 from __future__ import annotations
 
@@ -123,18 +124,6 @@ def test_bad_hyperparameters_are_refused():
         torch.ops.resfast.adam_coef(steps, None, 0.1, 0.9, 0.999, 1e-8, 0.1, 3)
     with pytest.raises(RuntimeError, match="a tensor lr must have one float32/float64 element"):
         torch.ops.resfast.adam_coef(steps, torch.ones(2), 0.0, 0.9, 0.999, 1e-8, 0.1, 0)
-
-
-@pytest.mark.parametrize("name", ["adam_coef", "adagrad_coef"])
-def test_opcheck(name):
-    op = getattr(torch.ops.resfast, name).default
-    steps = _steps(torch.float32)
-    args = (
-        (steps, torch.tensor(0.01), 0.0, 0.9, 0.999, 1e-8, 0.1, 2)
-        if name == "adam_coef"
-        else (steps, None, 0.01, 0.1, 0.0, 1e-10)
-    )
-    torch.library.opcheck(op, args)
 
 
 # -- tables of numbers alone are kept --------------------------------------------------------------
