@@ -52,7 +52,10 @@ def _extension_kwargs() -> dict:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return _skip("no C++ compiler found (set CXX)")
 
-    # The baseline files first: header functions the per-ISA files share with them link from these.
+    # The per-ISA files (#pragma GCC target) must not emit a header function that a baseline file also
+    # emits: the linker keeps one copy, in object order (sorted by path, not this list's order), and an
+    # AVX-512 copy called from baseline code would fault on older CPUs. `nm` found none in common
+    # (2026-12-04: every ISA file's kernels sit in their own namespace and use ATen's vector types).
     sources = [
         "csrc/ops.cpp",
         "csrc/cpu/optim.cpp",
