@@ -215,7 +215,11 @@ def test_resume_may_change_where_and_how_fast(tmp_path, finished):
 OPTIONS = [
     (dict(amp="bf16"), 0.1),  # bf16 keeps ~3 significant digits: losses agree to a few percent
     (dict(amp="fp16"), 0.1),
-    (dict(fuse_bn="on", channels_last=True), 1e-3),  # the same maths, rounded differently
+    # The same maths, rounded differently (the native CPU kernels sum in another order). Early training
+    # amplifies any rounding difference about tenfold per step: the unfused model with its weights
+    # perturbed by 1e-7 (relative) moves the losses by ~1e-3 within 8 steps, and this run's fused losses
+    # differ from the unfused ones by 3.7e-3 (2026-12-04). A wrong BN moves them by far more than 1e-2.
+    (dict(fuse_bn="on", channels_last=True), 1e-2),
     (dict(batch_schedule="noise", batch_args={"max_size": 128}), None),
     (dict(lr_schedule="plateau", lr_args={"patience": 0, "factor": 0.5}, epochs=3), None),
 ]
@@ -235,7 +239,10 @@ def test_run_options_train(tmp_path, finished, settings, gap):
     if settings.get("amp") == "fp16":
         assert ckpt["scaler"]["scale"] > 0  # the GradScaler ran and is saved for resume
     if "fuse_bn" in settings:
-        assert summary["fuse_bn"] and summary["bn_backend"] == "reference"
+        # auto: the native CPU kernels where the extension is built, else the reference.
+        assert summary["fuse_bn"] and summary["bn_backend"] == (
+            "cpu" if backends.native_runs("cpu") else "reference"
+        )
     if settings.get("batch_schedule") == "noise":
         (state,) = ckpt["plan"]["schedules"]["states"]
         assert state["count"] > 0  # the estimator measured the gradient noise
