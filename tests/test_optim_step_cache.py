@@ -29,7 +29,7 @@ CASES = [
     ("Adam", {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01}),
     ("AdamW", {"lr": 0.01}),
 ]
-BACKENDS = [b for b in backend_params() if b.values[0] in ("cpu", "reference")]
+BACKENDS = [b for b in backend_params() if b.values[0] in ("cpu", "triton", "reference")]
 
 
 def _model() -> nn.Module:
@@ -219,3 +219,46 @@ def test_a_kept_native_call_is_prepared_once_and_again_when_its_options_change(c
     assert len(seen[2]) == 1 and seen[2][0] is not None
     assert seen[3][0] is seen[2][0]
     assert seen[4][0] is not seen[3][0] and seen[5][0] is seen[4][0]
+
+
+def test_a_kept_triton_call_rebuilds_its_work_table_only_when_the_grads_move():
+    """The Triton launcher keeps a kept call's work table by its grads' addresses: reused while the
+    grads stay in place (zero_grad(set_to_none=False)), rebuilt when new grads arrive elsewhere, and
+    every step matches torch's."""
+    if "triton" not in [b.values[0] for b in BACKENDS]:
+        pytest.skip("triton is not available")
+    from resfast.kernels import triton_optim
+
+    model, twin = _model(), _model()
+    opt = resfast.optim.Adam(model.parameters(), lr=0.01, backend="triton")
+    ref = torch.optim.Adam(twin.parameters(), lr=0.01, foreach=False)
+    built, held = [], []
+    build = triton_optim._work_table
+    triton_optim._work_table = lambda *a: built.append(1) or build(*a)
+    try:
+        for step in range(6):
+            for m in (model, twin):
+                if step == 4:  # new grad tensors for one step, elsewhere: the old ones are held
+                    held.append([p.grad for p in m.parameters()])
+                    m.zero_grad(set_to_none=True)
+                _grads_in_place(m, step)
+            opt.step()
+            ref.step()
+            want, got = _snapshot(ref, list(twin.parameters())), _snapshot(opt, list(model.parameters()))
+            _assert_same([want], [got])
+    finally:
+        triton_optim._work_table = build
+    # Built at steps 0 and 1 (each planned; step 0 created the states) and 4 (the grads moved); steps
+    # 2, 3 and 5 reused the kept table.
+    assert len(built) == 3
+
+
+def _grads_in_place(model: nn.Module, step: int) -> None:
+    """This step's grads, written into the existing grad tensors where there are some."""
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        g = torch.randn(p.shape, generator=gen)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)

@@ -342,6 +342,21 @@ def _work_table(tensor_lists: Sequence[Sequence[Tensor]], device: torch.device) 
     return entry
 
 
+def _kept_work_table(
+    call: FusedCall, tensor_lists: Sequence[Sequence[Tensor]], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """_work_table, for a call the step cache keeps (call.kept) looked up by its grads' addresses alone:
+    the cache has checked that its params and states are the same tensors at the same addresses, so
+    only new grads can move. Saves ~800 data_ptr() calls and a hash of them per Adam step on ResNet-50."""
+    if call.kept is None:
+        return _work_table(tensor_lists, device)
+    grads = tuple(map(Tensor.data_ptr, call.grads))
+    kept = call.kept.get("triton")
+    if kept is None or kept[0] != grads:
+        kept = call.kept["triton"] = (grads, _work_table(tensor_lists, device))
+    return kept[1]
+
+
 def _rows(numels: Sequence[int]) -> Tensor:
     """int64 [n_rows, 2]: (tensor index, first element) of each BLOCK-sized chunk, in int64 throughout."""
     chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
@@ -367,7 +382,7 @@ def launch(call: FusedCall) -> None:
     tensor_lists = [params, call.grads, *(t for t in call.states if t is not None)]
     if master_params is not None:  # the master is what the kernel updates; the param is written last
         tensor_lists = [master_params, *tensor_lists[1:], params]
-    rows, table = _work_table(tensor_lists, device)
+    rows, table = _kept_work_table(call, tensor_lists, device)
     if rows.shape[0] == 0:
         return
     # Unused pointer arguments still need a tensor; `coef` is never read through them.

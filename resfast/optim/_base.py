@@ -54,9 +54,6 @@ def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
         torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
 
 
-# The backends whose launch keeps per-call state in Batch.kept (the reference takes no such argument).
-NATIVE_BACKENDS = ("cpu", "cuda")
-
 # Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
 
@@ -288,7 +285,7 @@ class FusedStep:
             "master_params": batch.masters,
             "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
         }
-        if batch.backend in NATIVE_BACKENDS and not torch.compiler.is_compiling():
+        if batch.backend != "reference" and not torch.compiler.is_compiling():
             extra["kept"] = batch.kept  # (while compiling, the traced graph is the reuse)
         kernels = backends.kernel_module("optimizer", batch.backend)
         self._update(getattr(kernels, self._spec.op), group, batch, extra)
@@ -327,8 +324,7 @@ class FusedStep:
         for group in self.param_groups:
             batches = None
             if cache is not None:
-                with_grad = [p for p in group["params"] if p.grad is not None]
-                batches = cache.calls(group, with_grad, self._state_keys(group), self.state)
+                batches = cache.calls(group, self._state_keys(group), self.state)
             plans.append(batches if batches is not None else self._plan(group))
         # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
         # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
@@ -357,8 +353,7 @@ class FusedStep:
             for batch in batches:
                 self._launch(group, batch, grad_scale, found_inf, seed)
             if planned and cache is not None:
-                with_grad = [p for p in group["params"] if p.grad is not None]
-                cache.keep(group, with_grad, self._state_keys(group), self.state, batches)
+                cache.keep(group, self._state_keys(group), self.state, batches)
 
     def _step_cache(self) -> StepCache:
         # Created on first use: torch's __init__ adds the param groups before resfast's options exist.

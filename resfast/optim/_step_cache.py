@@ -24,6 +24,7 @@ torch.compile traces its step.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ import torch
 from torch import Tensor
 
 from resfast.optim._layout import grads_fit
+
+_GRAD = operator.attrgetter("grad")
 
 
 @dataclass
@@ -83,15 +86,21 @@ class StepCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def calls(
-        self, group: dict[str, Any], with_grad: list[Tensor], keys: tuple[str, ...], state: dict
-    ) -> list[Batch] | None:
-        """The group's kernel calls for this step with its current grads, or None to plan afresh."""
+    def calls(self, group: dict[str, Any], keys: tuple[str, ...], state: dict) -> list[Batch] | None:
+        """The group's kernel calls for this step with its current grads, or None to plan afresh. The
+        calls are the kept ones with this step's grads set: they serve this step only."""
         entry = self._entries.get(id(group))
+        if entry is None or entry.group is not group:
+            return None
+        params = group["params"]
+        grads = list(map(_GRAD, params))  # one pass over the params, at C speed
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            with_grad = params
+        else:
+            with_grad = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
         if (
-            entry is None
-            or entry.group is not group
-            or entry.ids != tuple(map(id, with_grad))
+            entry.ids != tuple(map(id, with_grad))
             or entry.keys != keys
             or entry.capturable != bool(group.get("capturable"))
             or entry.state != id(state)
@@ -104,26 +113,21 @@ class StepCache:
             return None
         if not all(map(operator.is_, map(dict.get, entry.dicts, entry.keys_used), entry.tensors)):
             return None
-        grads = [p.grad for p in with_grad]
         calls = []
         for call, positions, addresses in entry.calls:
             call_grads = grads if len(positions) == len(grads) else [grads[i] for i in positions]
             if not grads_fit(call.params, call_grads, addresses, layout=call.backend != "reference"):
                 return None
-            calls.append(dataclasses.replace(call, grads=call_grads))
-        return calls
+            calls.append(call_grads)
+        for (call, _, _), call_grads in zip(entry.calls, calls, strict=True):
+            call.grads = call_grads  # set only once every call fits: a refused step leaves them as they were
+        return [call for call, _, _ in entry.calls]
 
-    def keep(
-        self,
-        group: dict[str, Any],
-        with_grad: list[Tensor],
-        keys: tuple[str, ...],
-        state: dict,
-        calls: list[Batch],
-    ) -> None:
+    def keep(self, group: dict[str, Any], keys: tuple[str, ...], state: dict, calls: list[Batch]) -> None:
         """Keep a step's calls for the next step, when they may be reused (module docstring). A group
         planned afresh always drops what was kept for it: the plan may have replaced its states."""
         self._entries.pop(id(group), None)
+        with_grad = [p for p in group["params"] if p.grad is not None]
         if any(any(call.fresh) for call in calls):
             return
         if any(g.is_sparse for call in calls if call.backend == "reference" for g in call.grads):
