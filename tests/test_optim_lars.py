@@ -372,3 +372,87 @@ def test_quadratic_loss_decreases_and_lars_is_exported():
         losses.append(loss.item())
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_with_a_real_grad_scaler(backend):
+    """torch.amp.GradScaler drives the step: an inf backs the scale off and changes nothing, and a
+    finite step equals the unscaled run (2^10 scales are exact)."""
+    finals = []
+    for poisoned in (False, True):
+        w = torch.linspace(-1.0, 2.0, 37).requires_grad_()
+        opt = LARS([w], lr=2.0, trust_coefficient=0.05, weight_decay=0.01, backend=backend)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step in range(3):
+            opt.zero_grad()
+            loss = (w * torch.arange(37.0) * (step + 1)).square().sum()
+            if poisoned and step == 1:
+                loss = loss * float("inf")
+            before = (w.detach().clone(), _clone(opt.state[w].get("momentum_buffer")))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if poisoned and step == 1:
+                assert scaler.get_scale() == 512.0 and torch.equal(w, before[0])
+                assert torch.equal(opt.state[w]["momentum_buffer"], before[1])
+        finals.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
+    # The poisoned run skipped step 1; the clean run took it: so they differ, and the skip was real.
+    assert not torch.equal(finals[0][0], finals[1][0])
+    clean = torch.linspace(-1.0, 2.0, 37).requires_grad_()
+    opt = LARS([clean], lr=2.0, trust_coefficient=0.05, weight_decay=0.01, backend=backend)
+    for step in (0, 2):
+        opt.zero_grad()
+        (clean * torch.arange(37.0) * (step + 1)).square().sum().backward()
+        opt.step()
+    assert torch.equal(clean, finals[1][0])
+    assert torch.equal(opt.state[clean]["momentum_buffer"], finals[1][1])
+
+
+class _Counting:
+    """A Triton kernel whose launches are counted."""
+
+    def __init__(self, kernel, counts: list[str]) -> None:
+        self.kernel, self.counts = kernel, counts
+
+    def __getitem__(self, grid):
+        self.counts.append(self.kernel.__name__)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_launches_per_bucket(backend, monkeypatch):
+    """Two launches per (group, dtype) bucket with adaptation (norms, update), one without, whatever the
+    number of tensors; an fp32 and a bf16 bucket in one group are two buckets."""
+    from resfast.kernels import triton_optim
+
+    counts: list[str] = []
+    monkeypatch.setattr(
+        triton_optim, "_lars_norms_kernel", _Counting(triton_optim._lars_norms_kernel, counts)
+    )
+    monkeypatch.setitem(triton_optim._KERNELS, "lars", _Counting(triton_optim._lars_kernel, counts))
+    mixed = [torch.randn(n) for n in (3, 2000, 1)] + [torch.randn(5, dtype=torch.bfloat16)]
+    plain = [torch.randn(n) for n in (4, 6)]
+    opt = LARS([{"params": mixed}, {"params": plain, "lars_adaptation": False}], lr=0.1, backend=backend)
+    for p in mixed + plain:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(counts) == sorted(["_lars_norms_kernel", "_lars_kernel"] * 2 + ["_lars_kernel"])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_tensor_lr_equals_float_lr_and_no_grads_change_nothing(backend):
+    runs = []
+    for lr in (0.5, torch.tensor(0.5)):
+        w = torch.linspace(-1.0, 1.0, 9)
+        opt = LARS([w], lr=lr, weight_decay=0.1, trust_coefficient=0.1, backend=backend)
+        opt.step()  # no grad yet: nothing happens, no state is made
+        assert torch.equal(w, torch.linspace(-1.0, 1.0, 9)) and not opt.state
+        w.grad = torch.linspace(2.0, 3.0, 9)
+        assert opt.step(lambda: 7.0) == 7.0  # the closure's loss comes back
+        runs.append(w)
+    assert torch.equal(*runs)
+
+
+def test_backends_info_reports_where_lars_runs():
+    report = backends.info()
+    assert "LARS: reference" in report["auto on cpu"]
