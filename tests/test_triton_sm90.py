@@ -2,11 +2,12 @@
 
 tests/triton_sm90.py compiles, for sm_90, every kernel specialisation that the launchers produce for
 a representative set of calls (every optimizer case in every dtype, GradScaler, master weights and
-stochastic rounding; the BN passes in both layouts, all dtypes, odd and even spatial sizes, training
-and eval), in a subprocess, and reports each one's registers, stack bytes and PTX. The CPU
-interpreter CI runs the kernels in cannot show any of this: it computes `/` and `sqrt` exactly where
-the GPU approximates them, and it has no registers to spill. Compiled kernels are cached by Triton
-(~/.triton/cache, or TRITON_CACHE_DIR), so a second run takes seconds instead of about a minute.
+stochastic rounding, LARS's two passes; the BN passes in both layouts, all dtypes, odd and even
+spatial sizes, training and eval), in a subprocess, and reports each one's registers, stack bytes
+and PTX. The CPU interpreter CI runs the kernels in cannot show any of this: it computes `/` and
+`sqrt` exactly where the GPU approximates them, and it has no registers to spill. Compiled kernels are
+cached by Triton (~/.triton/cache, or TRITON_CACHE_DIR), so a second run takes seconds instead of
+about a minute.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import pytest
 triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIMIZER_KERNELS = {"_sgd_kernel", "_rmsprop_kernel", "_adagrad_kernel", "_adam_kernel"}
+OPTIMIZER_KERNELS = {
+    "_sgd_kernel",
+    "_rmsprop_kernel",
+    "_adagrad_kernel",
+    "_adam_kernel",
+    "_lars_norms_kernel",
+    "_lars_kernel",
+}
 BN_KERNELS = {
     "_stats_partial_kernel",
     "_stats_finalize_kernel",

@@ -7,7 +7,8 @@ real JIT functions, not under TRITON_INTERPRET=1):
 
 How: every `JITFunction.run` (what `kernel[grid](...)` calls) is replaced by a recorder, and the
 launchers are called with CPU tensors for a representative set of calls (every optimizer case of
-tests/optim_cases.py in every dtype, with GradScaler, master weights and stochastic rounding; the BN
+tests/optim_cases.py in every dtype, with GradScaler, master weights and stochastic rounding; LARS's
+norm pass and update with its options; the BN
 passes in both layouts, all dtypes, odd and even spatial sizes, training and eval). Nothing runs.
 Each distinct specialisation is then compiled as Triton itself would for an sm_90 device: Triton's
 own binder turns the recorded arguments into the signature, constexprs and alignment attributes,
@@ -68,6 +69,20 @@ def _optimizer_calls() -> None:
         for dtype in (torch.bfloat16, torch.float16):
             step(name, dtype, {"master_weights": True})
         step(name, torch.bfloat16, {"bf16_stochastic_rounding": True})
+    # LARS (no torch counterpart, so not in CASES): its options with and without adaptation (the norm
+    # pass runs only with it), each dtype, with GradScaler's scale.
+    for kwargs in ({}, {"weight_decay": 0.1, "nesterov": True}, {"maximize": True, "momentum": 0.0}):
+        for dtype in DTYPES:
+            for group in ({}, {"lars_adaptation": False}):
+                for scaled in (False, True):
+                    params = [torch.zeros(n, dtype=dtype) for n in (5, 1030)]
+                    groups = [{"params": params, **group}]
+                    opt = resfast.optim.LARS(groups, lr=0.1, backend="triton", **kwargs)
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    if scaled:
+                        opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)
+                    opt.step()
 
 
 # ResNet shapes (small batches: only the launch parameters matter): odd and even spatial sizes, the

@@ -1,10 +1,10 @@
-"""The fused backends' front door: the four updates, with the signatures of
+"""The fused backends' front door: the updates, with the signatures of
 :mod:`resfast.kernels.reference_optim` (the specification), written once for every fused backend.
 
 Each function builds its update's coefficient table (:mod:`resfast.kernels.optim_coef`), its state
 lists in the spec's order (absent ones as None) and its flags (the spec's ``options``), and hands
 them to the backend's `launch` as a :class:`FusedCall`; a backend provides nothing else.
-:class:`FusedUpdates` binds the four to one `launch`: ``triton_optim`` and ``cext`` expose theirs as
+:class:`FusedUpdates` binds them to one `launch`: ``triton_optim`` and ``cext`` expose theirs as
 module functions.
 """
 
@@ -46,7 +46,8 @@ Launch = Callable[[FusedCall], None]
 
 
 class FusedUpdates:
-    """sgd, rmsprop, adagrad and adam for one backend's `launch`."""
+    """sgd, rmsprop, adagrad, adam and lars for one backend's `launch` (a backend exposes those it
+    implements: resfast.backends routes the others elsewhere)."""
 
     def __init__(self, launch: Launch) -> None:
         self._launch = launch
@@ -160,3 +161,31 @@ class FusedUpdates:
         states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None]
         wd_mode = optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay)
         self._run("adam", params, grads, states, coef, {"wd_mode": wd_mode, "maximize": maximize}, extra)
+
+    def lars(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor],
+        *,
+        lr: float | Tensor,
+        momentum: float,
+        weight_decay: float,
+        trust_coefficient: float,
+        eps: float,
+        lars_adaptation: bool,
+        nesterov: bool,
+        maximize: bool,
+        **extra: Any,
+    ) -> None:
+        coef = optim_coef.lars(
+            len(params), params[0].device, lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient, eps=eps,
+        )  # fmt: skip
+        options = {
+            "has_wd": weight_decay != 0,
+            "lars_adaptation": bool(lars_adaptation),
+            "nesterov": bool(nesterov),
+            "maximize": bool(maximize),
+        }
+        self._run("lars", params, grads, [momentum_buffers], coef, options, extra)

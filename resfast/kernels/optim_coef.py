@@ -13,7 +13,7 @@ Host cost: built from torch ops, a table costs one launch per column and per ari
 ~15 on a GPU, each a few microseconds of host time). So the tables that depend on the step counts
 (Adam's, Adagrad's) come from one native op when the extension runs on the params' device
 (``torch.ops.resfast.adam_coef``/``adagrad_coef``: one launch; the same float64 formulas, checked
-against these by tests/test_step_ops.py), and the tables that do not (SGD's, RMSprop's) are kept
+against these by tests/test_step_ops.py), and the tables that do not (SGD's, RMSprop's, LARS's) are kept
 while their hyperparameters stay the same.
 """
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from resfast import backends
 from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
 
-__all__ = ["adagrad", "adam", "adam_weight_decay_mode", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "adam_weight_decay_mode", "lars", "rmsprop", "sgd"]
 
 
 def _table(op: str, n: int, device: torch.device, values: dict[str, float | Tensor]) -> Tensor:
@@ -129,6 +129,21 @@ def rmsprop(
 ) -> Tensor:
     values = {"lr": lr, "alpha": alpha, "one_minus_alpha": 1 - alpha, "eps": eps}
     return _kept_table("rmsprop", n, device, values | {"weight_decay": weight_decay, "momentum": momentum})
+
+
+def lars(
+    n: int,
+    device: torch.device,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+) -> Tensor:
+    # The trust ratios are not here: they depend on the norms of this step's tensors (see the kernels).
+    values = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+    return _kept_table("lars", n, device, values | {"trust_coefficient": trust_coefficient, "eps": eps})
 
 
 def adagrad(

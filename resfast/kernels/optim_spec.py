@@ -105,6 +105,16 @@ SPECS: dict[str, OptimizerSpec] = {
             has_step=True,
             options=("wd_mode", "maximize"),  # wd_mode: ADAM_WEIGHT_DECAY's values
         ),
+        OptimizerSpec(
+            op="lars",
+            # Zeros before the first step (the buffer holds lr-scaled updates, so no "fresh" start).
+            states=(StateTensor("momentum_buffer"),),
+            # The trust ratio is not a column: it comes from each tensor's norms, computed on the device
+            # at every step (by a norm pass before the update, where the backend has one).
+            columns=("lr", "momentum", "weight_decay", "trust_coefficient", "eps"),
+            has_step=False,
+            options=("has_wd", "lars_adaptation", "nesterov", "maximize"),
+        ),
     )
 }
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["adagrad", "adam", "rmsprop", "sgd", "stochastic_round_bf16"]
+__all__ = ["adagrad", "adam", "lars", "rmsprop", "sgd", "stochastic_round_bf16"]
 
 
 def _skipped(found_inf: Tensor | None) -> bool:
@@ -288,4 +288,53 @@ def adam(
             v = vmax
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         p.sub_(m / denom * (lr / bias_correction1))
+        out.store(i, p)
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    lars_adaptation: bool,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    master_params: list[Tensor] | None = None,
+    stochastic_seed: int | None = None,
+) -> None:
+    """LARS with the learning rate inside the momentum buffer (the MLPerf rule). Per tensor, with w the
+    param, g its (unscaled, maximize-negated) grad and v its buffer (zeros before the first step)::
+
+        d     = g + weight_decay * w
+        trust = trust_coefficient * |w| / (|g| + weight_decay * |w| + eps)
+                    if lars_adaptation and |w| > 0 and |g| > 0, else 1
+        v     = momentum * v + lr * trust * d
+        w     = w - (momentum * v + lr * trust * d  if nesterov  else  v)
+
+    Norms are L2 over the whole tensor, in the compute dtype (fp64 for fp64 tensors, else fp32)."""
+    if _skipped(found_inf):
+        return
+    out = _Params(params, master_params, stochastic_seed)
+    for i, (grad, buf) in enumerate(zip(grads, momentum_buffers, strict=True)):
+        p = out.load(i)
+        g = _grad(grad, grad_scale, maximize)
+        scaled_lr = lr
+        if lars_adaptation:
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+            ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+            trust = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+            scaled_lr = lr * trust
+        d = g.add(p, alpha=weight_decay) if weight_decay != 0 else g
+        b = _fp32(buf)
+        step = d * scaled_lr
+        b.mul_(momentum).add_(step)
+        _store(buf, b)
+        p.sub_(b * momentum + step if nesterov else b)
         out.store(i, p)

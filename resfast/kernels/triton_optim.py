@@ -1,4 +1,5 @@
-"""Triton optimizer updates: one kernel launch updates every tensor of a (device, dtype) bucket.
+"""Triton optimizer updates: one kernel launch updates every tensor of a (device, dtype) bucket (LARS:
+one launch for every tensor's norms, then one for the update; see _lars_norms_kernel).
 
 Layout of a launch (the "work table"):
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -42,7 +43,7 @@ from resfast.kernels.fused_optim import FusedCall, FusedUpdates
 from resfast.kernels.optim_spec import ADAM_WEIGHT_DECAY, SPECS
 from resfast.kernels.triton_common import store_rounded
 
-__all__ = ["adagrad", "adam", "launch", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "lars", "launch", "rmsprop", "sgd"]
 
 # Elements per program. Provisional (not yet measured on a GPU): large enough to amortise reading a
 # row, small enough that a 1-element tensor wastes little.
@@ -72,6 +73,10 @@ ADAM_STEP_SIZE, ADAM_SQRT_BC2 = _column("adam", "step_size"), _column("adam", "s
 ADAM_ONE_MINUS_BETA1, ADAM_BETA2 = _column("adam", "one_minus_beta1"), _column("adam", "beta2")
 ADAM_ONE_MINUS_BETA2, ADAM_EPS = _column("adam", "one_minus_beta2"), _column("adam", "eps")
 ADAM_WD_TERM = _column("adam", "weight_decay_term")
+LARS_COLUMNS = tl.constexpr(len(SPECS["lars"].columns))
+LARS_LR, LARS_MOMENTUM = _column("lars", "lr"), _column("lars", "momentum")
+LARS_WEIGHT_DECAY, LARS_EPS = _column("lars", "weight_decay"), _column("lars", "eps")
+LARS_TRUST_COEFFICIENT = _column("lars", "trust_coefficient")
 WD_L2, WD_DECOUPLED = tl.constexpr(ADAM_WEIGHT_DECAY["l2"]), tl.constexpr(ADAM_WEIGHT_DECAY["decoupled"])
 
 
@@ -315,6 +320,112 @@ def _adam_kernel(
     )
 
 
+# LARS needs each tensor's ‖w‖ and ‖g‖ before any element is updated, so a step is two launches:
+#
+# 1. _lars_norms_kernel: the bucket is cut into spans of NORM_SPAN elements (a tensor's last span may be
+#    shorter; an empty tensor has none), one program per span. Each program sums w² and g² (g unscaled)
+#    over its span in fp32 and writes the two partial sums to its own row of `parts` (no atomics).
+# 2. _lars_kernel: every update program of tensor t sums t's partial rows itself, in a fixed order, and
+#    derives t's trust ratio. All programs of a tensor read the same rows in the same order, so they
+#    agree bit for bit, and the result does not depend on scheduling (deterministic from run to run).
+#
+# Why spans rather than the update's BLOCK-sized chunks: each of the update's programs re-reads all of
+# its tensor's partial rows, so they must be few: with NORM_SPAN = 32 * BLOCK, ResNet-50's largest
+# tensor (2.4M elements) has 72 rows, 576 bytes read by each 1024-element program from L2, against the
+# ~12 KB it moves anyway. A third launch that reduces the rows once per tensor would avoid that re-read
+# but costs one more launch per bucket, and the step of a small bucket is launch-bound. Both sizes are
+# provisional (not yet measured on a GPU), as BLOCK is.
+# Overflow: sums of squares are fp32, so a tensor whose norm exceeds ~1.8e19 overflows to inf, where a
+# float64 reference would not (trust then becomes 0 or NaN); parameters and gradients never come near.
+NORM_ITERS = 32  # BLOCK-sized steps per norm program
+NORM_SPAN = BLOCK * NORM_ITERS
+PARTS_BLOCK = 64  # partial rows the update kernel sums per iteration (ResNet-50: at most 2 iterations)
+
+
+@triton.jit
+def _lars_norms_kernel(
+    spans_ptr, table_ptr, grad_scale_ptr, parts_ptr,
+    NCOL: tl.constexpr, HAS_SCALE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):  # fmt: skip
+    # spans_ptr      int64 [n_spans, 2]: (tensor index, first element) of each program's span
+    # table_ptr      the update's work table (columns param, grad, momentum_buffer, numel)
+    # grad_scale_ptr float32 [1]: GradScaler's scale; the norm is the unscaled grad's (read only if HAS_SCALE)
+    # parts_ptr      float32 [n_spans, 2]: out, (sum of w², sum of g²) over this program's span
+    # ITERS          BLOCK-sized steps per span (NORM_ITERS)
+    span = tl.program_id(0).to(tl.int64)
+    t = tl.load(spans_ptr + 2 * span)
+    start = tl.load(spans_ptr + 2 * span + 1)
+    numel = tl.load(table_ptr + t * NCOL + (NCOL - 1))
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, DTYPE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    w_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    g_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < numel
+        # other=0: a masked lane's value is undefined otherwise, and every lane enters the sums.
+        w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = tl.div_rn(g, tl.load(grad_scale_ptr))  # as the update kernel unscales it
+        w_sq += w * w
+        g_sq += g * g
+    tl.store(parts_ptr + 2 * span, tl.sum(w_sq, axis=0))
+    tl.store(parts_ptr + 2 * span + 1, tl.sum(g_sq, axis=0))
+
+
+@triton.jit
+def _lars_kernel(
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed, parts_ptr, first_part_ptr,
+    HAS_WD: tl.constexpr, LARS_ADAPTATION: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    MASTER: tl.constexpr, SR: tl.constexpr, PARTS_BLOCK: tl.constexpr,
+):  # fmt: skip
+    # parts_ptr      float32 [n_spans, 2]: _lars_norms_kernel's partial sums (read only if LARS_ADAPTATION)
+    # first_part_ptr int64 [n_tensors + 1]: tensor t's partial rows are first_part[t] .. first_part[t+1]
+    # table columns: param, grad, momentum_buffer, numel
+    # coefficients: SPECS["lars"].columns (LARS_* offsets)
+    NCOL: tl.constexpr = 4 + MASTER
+    t, offs, mask = _chunk(rows_ptr, table_ptr, found_inf_ptr, NCOL, BLOCK, HAS_INF)
+    c = coef_ptr + t * LARS_COLUMNS
+    p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
+    p = _load(p_ptr, offs, mask)
+    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    weight_decay = tl.load(c + LARS_WEIGHT_DECAY)
+    scaled_lr = tl.load(c + LARS_LR)
+    if LARS_ADAPTATION:
+        first = tl.load(first_part_ptr + t)
+        count = tl.load(first_part_ptr + t + 1) - first
+        w_sq = tl.zeros([PARTS_BLOCK], dtype=tl.float32)
+        g_sq = tl.zeros([PARTS_BLOCK], dtype=tl.float32)
+        for k in range(0, count, PARTS_BLOCK):
+            idx = first + k + tl.arange(0, PARTS_BLOCK).to(tl.int64)
+            in_range = k + tl.arange(0, PARTS_BLOCK) < count
+            w_sq += tl.load(parts_ptr + 2 * idx, mask=in_range, other=0.0)
+            g_sq += tl.load(parts_ptr + 2 * idx + 1, mask=in_range, other=0.0)
+        w_norm = tl.sqrt_rn(tl.sum(w_sq, axis=0))
+        g_norm = tl.sqrt_rn(tl.sum(g_sq, axis=0))
+        # A zero tensor or a zero grad keeps the plain lr (trust 1), as the rule says; its denominator
+        # (0 when eps and the decay are) is replaced first, so no program divides by zero.
+        adapt = (w_norm > 0) & (g_norm > 0)
+        denom = tl.where(adapt, g_norm + weight_decay * w_norm + tl.load(c + LARS_EPS), 1.0)
+        ratio = tl.div_rn(tl.load(c + LARS_TRUST_COEFFICIENT) * w_norm, denom)
+        scaled_lr = scaled_lr * tl.where(adapt, ratio, 1.0)
+    if HAS_WD:
+        g = g + p * weight_decay
+    step = g * scaled_lr
+    momentum = tl.load(c + LARS_MOMENTUM)
+    b_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
+    b = _load(b_ptr, offs, mask) * momentum + step
+    store_rounded(b_ptr, offs, b, mask)
+    if NESTEROV:
+        update = b * momentum + step
+    else:
+        update = b
+    _store_param(p_ptr, table_ptr, t, offs, p - update, mask, seed, NCOL, DTYPE, MASTER, SR)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Host side: work tables, coefficients, launch
 # ----------------------------------------------------------------------------------------------------
@@ -323,23 +434,30 @@ _TABLES: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
 _MAX_TABLES = 64  # a few per param group and dtype; old entries are dropped first
 
 
-def _work_table(tensor_lists: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(rows, table) on `device` for tensor_lists = [params, grads, states...], cached by addresses."""
-    numels = tuple(t.numel() for t in tensor_lists[0])
-    addresses = tuple(tuple(t.data_ptr() for t in tensors) for tensors in tensor_lists)
-    key = (device, numels, addresses)
+def _cached(key: tuple, build: Callable[[], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """_TABLES[key], built on first use; the least recently used entries are dropped first."""
     cached = _TABLES.get(key)
     if cached is not None:
         _TABLES.move_to_end(key)
         return cached
-    table = torch.tensor(
-        [[*column, n] for *column, n in zip(*addresses, numels, strict=True)], dtype=torch.int64
-    )
-    entry = (_rows(numels).to(device), table.to(device))
-    _TABLES[key] = entry
+    entry = _TABLES[key] = build()
     if len(_TABLES) > _MAX_TABLES:
         _TABLES.popitem(last=False)
     return entry
+
+
+def _work_table(tensor_lists: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(rows, table) on `device` for tensor_lists = [params, grads, states...], cached by addresses."""
+    numels = tuple(t.numel() for t in tensor_lists[0])
+    addresses = tuple(tuple(t.data_ptr() for t in tensors) for tensors in tensor_lists)
+
+    def build() -> tuple[Tensor, Tensor]:
+        table = torch.tensor(
+            [[*column, n] for *column, n in zip(*addresses, numels, strict=True)], dtype=torch.int64
+        )
+        return _rows(numels).to(device), table.to(device)
+
+    return _cached((device, numels, addresses), build)
 
 
 def _kept_work_table(
@@ -359,15 +477,47 @@ def _kept_work_table(
 
 def _rows(numels: Sequence[int]) -> Tensor:
     """int64 [n_rows, 2]: (tensor index, first element) of each BLOCK-sized chunk, in int64 throughout."""
-    chunks = torch.tensor([triton.cdiv(n, BLOCK) for n in numels], dtype=torch.int64)
+    return _chunks(numels, BLOCK)[0]
+
+
+def _chunks(numels: Sequence[int], block: int) -> tuple[Tensor, Tensor]:
+    """int64 [n_rows, 2]: (tensor index, first element) of each `block`-sized chunk; and int64
+    [n_tensors + 1]: the first row of each tensor, then the number of rows."""
+    chunks = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
     tensor_index = torch.repeat_interleave(torch.arange(len(numels)), chunks)
-    first_row_of_tensor = torch.cumsum(chunks, 0) - chunks
-    start = (torch.arange(len(tensor_index)) - first_row_of_tensor[tensor_index]) * BLOCK
-    return torch.stack([tensor_index, start], dim=1)
+    first_row = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(chunks, 0)])
+    start = (torch.arange(len(tensor_index)) - first_row[tensor_index]) * block
+    return torch.stack([tensor_index, start], dim=1), first_row
+
+
+def _lars_norms(call: FusedCall, table: Tensor, scale: Tensor) -> dict[str, Tensor | int]:
+    """Launch LARS's norm pass (see _lars_norms_kernel); the update kernel's extra arguments."""
+    params = call.params
+    device, numels = params[0].device, tuple(p.numel() for p in params)
+
+    def build() -> tuple[Tensor, Tensor]:
+        spans, first_part = _chunks(numels, NORM_SPAN)
+        return spans.to(device), first_part.to(device)
+
+    spans, first_part = _cached(("lars-spans", NORM_SPAN, device, numels), build)
+    parts = torch.empty(spans.shape[0], 2, dtype=torch.float32, device=device)
+    if spans.shape[0]:
+        _lars_norms_kernel[(spans.shape[0],)](
+            spans, table, scale, parts,
+            NCOL=table.shape[1], HAS_SCALE=call.grad_scale is not None, DTYPE=_TL_DTYPES[params[0].dtype],
+            BLOCK=BLOCK, ITERS=NORM_ITERS,
+        )  # fmt: skip
+    return {"parts_ptr": parts, "first_part_ptr": first_part, "PARTS_BLOCK": PARTS_BLOCK}
 
 
 # The kernel of each update.
-_KERNELS = {"sgd": _sgd_kernel, "rmsprop": _rmsprop_kernel, "adagrad": _adagrad_kernel, "adam": _adam_kernel}
+_KERNELS = {
+    "sgd": _sgd_kernel,
+    "rmsprop": _rmsprop_kernel,
+    "adagrad": _adagrad_kernel,
+    "adam": _adam_kernel,
+    "lars": _lars_kernel,
+}
 
 
 @torch.compiler.disable  # host-side work table: see the module docstring
@@ -390,13 +540,24 @@ def launch(call: FusedCall) -> None:
     inf = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else coef
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
+        operands: dict[str, Tensor | int] = {}
+        if spec.op == "lars":
+            if master_params is not None or stochastic_seed is not None:
+                # LARS's norm pass reads the param itself; the optimizer offers neither mode.
+                raise NotImplementedError("LARS has no master-weight or stochastic-rounding update")
+            if call.options["lars_adaptation"]:
+                operands = _lars_norms(call, table, scale)
+            else:  # no norms to read: the update alone, one launch (`coef` fills the unused pointers)
+                operands = {"parts_ptr": coef, "first_part_ptr": coef, "PARTS_BLOCK": PARTS_BLOCK}
         _KERNELS[spec.op][(rows.shape[0],)](
             rows, table, coef, scale, inf, stochastic_seed or 0,
             HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, DTYPE=_TL_DTYPES[dtype],
             BLOCK=BLOCK, MASTER=master_params is not None, SR=stochastic_seed is not None, **flags,
+            **operands,
         )  # fmt: skip
 
 
-# The four updates, with resfast.kernels.reference_optim's signatures.
+# The updates, with resfast.kernels.reference_optim's signatures.
 _updates = FusedUpdates(launch)
 sgd, rmsprop, adagrad, adam = _updates.sgd, _updates.rmsprop, _updates.adagrad, _updates.adam
+lars = _updates.lars
