@@ -1,17 +1,20 @@
 """One optimizer step: resfast's backends against every PyTorch path, on real parameter lists.
 
-Cases: each optimizer (SGD with momentum, RMSprop, Adagrad, Adam, AdamW) × parameter list
-(torchvision ResNet-18 / ResNet-50 shapes, CIFAR ResNet-20 shapes, one flat tensor) × dtype.
+Cases: each optimizer (SGD with momentum, RMSprop, Adagrad, Adam, AdamW, LARS) × parameter list
+(torchvision ResNet-18 / ResNet-50 shapes, CIFAR ResNet-20 shapes, one flat tensor) × dtype; and SGD and
+Adam with gradient clipping: resfast's ``max_grad_norm`` against torch's ``clip_grad_norm_`` + step.
 Paths: torch's for-loop (foreach=False), foreach, fused (where torch has it for that device and
 dtype: found by trying), ``torch.compile`` of the step, and resfast with every backend available here.
+torch.optim has no LARS: its rows have resfast's paths only.
 
 Before timing, every path takes CHECK_STEPS steps from the same params, grads and fresh state and is
 compared, on the params and every state tensor, with resfast's `reference` backend (the readable
 spec). A path that disagrees is reported WRONG and is not timed.
 
 Bytes: a step reads param, grad and every state and writes param and every state, so
-(3 + 2 * states) * itemsize per element (fp32: SGD-momentum 20 B, Adam 28 B). Per-tensor scalars
-(step counters) are left out: < 0.01% of any list here.
+(3 + 2 * states) * itemsize per element (fp32: SGD-momentum 20 B, Adam 28 B); plus what a norm needs
+read once more: LARS's ‖w‖ and ‖g‖ (SGD-momentum's + 8 B), clipping's global ‖g‖ (+4 B). Per-tensor
+scalars (step counters) are left out: < 0.01% of any list here.
 
 Then a second table (optim_host.csv; --no-host skips it): the host's time per step over ResNet-50's
 161 parameter tensors with one element each, where the step moves no data to speak of, for torch's
@@ -83,6 +86,14 @@ class OptimSpec:
     kwargs: Mapping[str, Any]
     # The per-element state tensors a step reads and writes (torch's state keys, `step` aside).
     states: tuple[str, ...]
+    # Clip the grads to this global norm: resfast's max_grad_norm, torch's clip_grad_norm_ before the step.
+    max_grad_norm: float | None = None
+    # Tensors read once more per element, for a norm (LARS: param and grad; clipping: grad).
+    extra_reads: int = 0
+
+    def resfast_kwargs(self) -> dict[str, Any]:
+        clip = {} if self.max_grad_norm is None else {"max_grad_norm": self.max_grad_norm}
+        return {**self.kwargs, **clip}
 
 
 # Learning rates are large next to the params (scale 0.01, see make_case) so that any error in the
@@ -93,6 +104,18 @@ OPTIMIZERS: dict[str, OptimSpec] = {
     "adagrad": OptimSpec("Adagrad", "Adagrad", {"lr": 1e-2}, ("sum",)),
     "adam": OptimSpec("Adam", "Adam", {"lr": 1e-2}, ("exp_avg", "exp_avg_sq")),
     "adamw": OptimSpec("AdamW", "AdamW", {"lr": 1e-2, "weight_decay": 1e-2}, ("exp_avg", "exp_avg_sq")),
+    "lars": OptimSpec(
+        "LARS",
+        "LARS",
+        {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        ("momentum_buffer",),
+        extra_reads=2,
+    ),
+    # The grads' global norm is 0.1 * sqrt(numel) (make_case): 1.0 clips every case here.
+    "sgd-clip": OptimSpec(
+        "SGD-momentum+clip", "SGD", {"lr": 0.1, "momentum": 0.9}, ("momentum_buffer",), 1.0, extra_reads=1
+    ),
+    "adam-clip": OptimSpec("Adam+clip", "Adam", {"lr": 1e-2}, ("exp_avg", "exp_avg_sq"), 1.0, extra_reads=1),
 }
 
 
@@ -100,7 +123,7 @@ def step_bytes(spec: OptimSpec, numel: int, dtype: torch.dtype) -> int:
     """Minimal bytes of one step over `numel` elements: param, grad and states read, param and
     states written; grads and states have the param's dtype, as in torch."""
     n = len(spec.states)
-    return elementwise_bytes(numel, dtype.itemsize, reads=2 + n, writes=1 + n)
+    return elementwise_bytes(numel, dtype.itemsize, reads=2 + n + spec.extra_reads, writes=1 + n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +248,7 @@ def make_case(
     grads = [(torch.randn(s, generator=gen, device=device) * 0.1).to(dtype) for s in pset.shapes]
     case = Case(spec, params_name, pset, dtype, device, params, grads, reference={})
     ref_params = case.fresh()
-    ref = getattr(resfast.optim, spec.cls)(ref_params, backend="reference", **spec.kwargs)
+    ref = getattr(resfast.optim, spec.cls)(ref_params, backend="reference", **spec.resfast_kwargs())
     for _ in range(CHECK_STEPS):
         ref.step()
     case.reference = snapshot(ref, ref_params)
@@ -271,9 +294,29 @@ class Built:
     describe: Callable[[], str] = lambda: ""
 
 
+def _torch_class(spec: OptimSpec) -> type[torch.optim.Optimizer]:
+    cls = getattr(torch.optim, spec.cls, None)
+    if cls is None:
+        raise Skip(f"torch.optim has no {spec.cls}")
+    return cls
+
+
+def _torch_step(spec: OptimSpec, opt: torch.optim.Optimizer, params: list[Tensor]) -> Callable[[], None]:
+    """torch's step, after clip_grad_norm_ (torch's default foreach path) when the case clips."""
+    if spec.max_grad_norm is None:
+        return opt.step
+    max_norm = spec.max_grad_norm
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+
+    return step
+
+
 def _torch(spec: OptimSpec, params: list[Tensor], ctx: Context, **flags: Any) -> Built:
-    opt = getattr(torch.optim, spec.cls)(params, **{**spec.kwargs, **flags})
-    return Built(opt, opt.step)
+    opt = _torch_class(spec)(params, **{**spec.kwargs, **flags})
+    return Built(opt, _torch_step(spec, opt, params))
 
 
 def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
@@ -281,7 +324,7 @@ def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
     probe = torch.ones(3, device=params[0].device, dtype=params[0].dtype)
     probe.grad = torch.ones_like(probe)
     try:
-        getattr(torch.optim, spec.cls)([probe], fused=True, **spec.kwargs).step()
+        _torch_class(spec)([probe], fused=True, **spec.kwargs).step()
     except (TypeError, RuntimeError, ValueError) as e:
         raise Skip(f"torch has no fused {spec.cls} for {params[0].dtype} on {ctx.device.type}: {e}") from None
     return _torch(spec, params, ctx, fused=True)
@@ -290,17 +333,18 @@ def _torch_fused(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
 def _torch_compiled(spec: OptimSpec, params: list[Tensor], ctx: Context) -> Built:
     ctx.require_compile()
     # torch's default implementation choice (foreach on CUDA), compiled as torch's tutorial does.
-    opt = getattr(torch.optim, spec.cls)(params, **spec.kwargs)
+    opt = _torch_class(spec)(params, **spec.kwargs)
+    eager = _torch_step(spec, opt, params)
 
     def step() -> None:
-        opt.step()
+        eager()
 
     return Built(opt, compiled(step), compile_stats)
 
 
 def _resfast(spec: OptimSpec, params: list[Tensor], ctx: Context, backend: str) -> Built:
     ctx.require_backend(backend, params[0].dtype)
-    opt = getattr(resfast.optim, spec.cls)(params, backend=backend, **spec.kwargs)
+    opt = getattr(resfast.optim, spec.cls)(params, backend=backend, **spec.resfast_kwargs())
     return Built(opt, opt.step)
 
 
@@ -352,7 +396,8 @@ HOST_PARAMS = {
 HOST_PATHS = ("torch-foreach", "torch-fused", *(name for name in BUILDERS if name.startswith("resfast-")))
 HOST_BASELINES = ("torch-foreach", "torch-fused")
 # torch has no fused RMSprop; its fused Adagrad moves the same three lists (param, grad, one state).
-FUSED_STAND_IN = {"rmsprop": "adagrad"}
+# torch has no LARS at all; its fused SGD with momentum moves the same lists.
+FUSED_STAND_IN = {"rmsprop": "adagrad", "lars": "sgd"}
 # Each sample is 20 steps back to back (then a device sync): a sample of a ~0.3 ms step lasts ~6 ms.
 HOST_BUDGET = Budget(warmup_calls=3, cpu_seconds=0.3, cpu_min_reps=5, cpu_max_reps=50, host_calls=20)
 
@@ -468,7 +513,7 @@ def _header_lines(ctx: Context, sets: Mapping[str, ParamSet], dtypes: Sequence[t
     lines.append(
         f"check: {CHECK_STEPS} steps from identical state vs resfast's reference backend, every param and "
         f"state within max({ULPS} eps(dtype), {FP32_TOL:g}) of its magnitude (see bench_optim.tolerance); "
-        "bytes/element = (3 + 2 x states) x itemsize"
+        "bytes/element = (3 + 2 x states + norm reads) x itemsize"
     )
     return lines
 
@@ -513,7 +558,9 @@ def _host_lines(ctx: Context) -> list[str]:
     return [
         f"host time per step: {pset.source}, fp32; each sample {HOST_BUDGET.host_calls} steps back to "
         "back then a device sync, no cache flush; every path checked against the reference first",
-        "torch-fused of RMSprop: torch's fused Adagrad (torch has no fused RMSprop; the same three lists)",
+        "torch-fused of RMSprop: torch's fused Adagrad (torch has no fused RMSprop; the same three lists); "
+        "of LARS: torch's fused SGD-momentum (torch has no LARS; the same lists)",
+        "+clip rows: torch's paths run clip_grad_norm_ (foreach) then the step; resfast's take max_grad_norm",
     ]
 
 

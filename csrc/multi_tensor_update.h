@@ -66,11 +66,13 @@ C10_HOST_DEVICE inline void store_global(V* p, const V& value) {
 }
 
 // Updates this thread's share of chunk `index`: the elements thread, thread + n_threads, ... (16-byte
-// vectors of them where every tensor of the chunk is 16-byte aligned, then a scalar tail).
+// vectors of them where every tensor of the chunk is 16-byte aligned, then a scalar tail). grad_scale and
+// grad_clip: device scalars, or nullptr when the call has none.
 template <typename T, int N, typename Math>
 C10_HOST_DEVICE inline void update_chunk_share(const int64_t* table, int64_t n_rows, int64_t index,
-                                               const float* coef, const float* grad_scale, bool maximize,
-                                               const Math& math, int64_t thread, int64_t n_threads) {
+                                               const float* coef, const float* grad_scale,
+                                               const float* grad_clip, bool maximize, const Math& math,
+                                               int64_t thread, int64_t n_threads) {
   const ChunkSpan span = locate_chunk<N>(table, n_rows, index, kCudaChunk);
   T* ptr[N];
   bool aligned = true;
@@ -85,8 +87,9 @@ RESFAST_UNROLL
   const float* row = coef + span.row[WorkRow<N>::kTensor] * Math::kColumns;
 RESFAST_UNROLL
   for (int j = 0; j < Math::kColumns; ++j) c[j] = row[j];
-  const bool scaled = grad_scale != nullptr;
-  const float scale = scaled ? *grad_scale : 1.f;
+  const GradTransform grad{grad_scale != nullptr, grad_scale != nullptr ? *grad_scale : 1.f, grad_clip != nullptr,
+                           grad_clip != nullptr ? *grad_clip : 1.f, maximize};
+  const bool scaled = grad.scaled;
 
   constexpr int V = 16 / sizeof(T);
   int64_t tail = span.begin;
@@ -101,7 +104,7 @@ RESFAST_UNROLL
         float r[N];
 RESFAST_UNROLL
         for (int k = 0; k < N; ++k) r[k] = static_cast<float>(data[k].v[lane]);
-        data[1].v[lane] = static_cast<T>(update_element(r, c, scaled, scale, maximize, math));
+        data[1].v[lane] = static_cast<T>(update_element(r, c, grad, math));
         data[0].v[lane] = static_cast<T>(r[0]);
 RESFAST_UNROLL
         for (int k = 2; k < N; ++k) data[k].v[lane] = static_cast<T>(r[k]);
@@ -117,7 +120,7 @@ RESFAST_UNROLL
     float r[N];
 RESFAST_UNROLL
     for (int k = 0; k < N; ++k) r[k] = static_cast<float>(load_global(ptr[k] + i));
-    const float unscaled = update_element(r, c, scaled, scale, maximize, math);
+    const float unscaled = update_element(r, c, grad, math);
     if (scaled) store_global(ptr[1] + i, static_cast<T>(unscaled));
     store_global(ptr[0] + i, static_cast<T>(r[0]));
 RESFAST_UNROLL

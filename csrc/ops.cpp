@@ -45,30 +45,30 @@ class PreparedUpdate {
   }
 
   void run(const std::vector<at::Tensor>& grads, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf) const {
+           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) const {
     using Optional = const std::optional<at::Tensor>&;
     auto& dispatcher = c10::Dispatcher::singleton();
     const States& s = states_;
     if (op_ == "sgd") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::sgd_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
-                                       Optional, bool, bool, bool)>();
-      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, nesterov_, maximize_);
+                                       Optional, bool, bool, bool, Optional)>();
+      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, nesterov_, maximize_, grad_clip);
     } else if (op_ == "rmsprop") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::rmsprop_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                       const at::Tensor&, Optional, Optional, bool, bool)>();
-      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, has_wd_, maximize_);
+                                       const at::Tensor&, Optional, Optional, bool, bool, Optional)>();
+      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, has_wd_, maximize_, grad_clip);
     } else if (op_ == "adagrad") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::adagrad_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
-                                       Optional, bool, bool)>();
-      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, maximize_);
+                                       Optional, bool, bool, Optional)>();
+      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, maximize_, grad_clip);
     } else {
       static auto op = dispatcher.findSchemaOrThrow("resfast::adam_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                                       const at::Tensor&, Optional, Optional, int64_t, bool)>();
-      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, wd_mode_, maximize_);
+                                       const at::Tensor&, Optional, Optional, int64_t, bool, Optional)>();
+      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, wd_mode_, maximize_, grad_clip);
     }
   }
 
@@ -104,7 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("has_wd") = false, pybind11::arg("nesterov") = false, pybind11::arg("maximize") = false,
            pybind11::arg("wd_mode") = 0)
       .def("run", &resfast::PreparedUpdate::run, "One update with this step's grads and coefficients",
-           pybind11::arg("grads"), pybind11::arg("coef"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"));
+           pybind11::arg("grads"), pybind11::arg("coef"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+           pybind11::arg("grad_clip") = pybind11::none());
   m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
         "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
   // The coefficient columns each op reads, by name, and Adam's weight-decay modes (tests check them

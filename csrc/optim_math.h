@@ -3,7 +3,7 @@
 // Contract: the driver loads one element (CUDA: T = float) or one SIMD vector of elements (CPU:
 // T = at::vec::Vectorized<float>) of each of a param's tensors into r[] as fp32, in the order param,
 // grad, states... (the same order as the op's tensor lists), with the grad already unscaled (divided by
-// the GradScaler's scale) and negated when maximizing. The update rewrites r[0] (param) and r[2...]
+// the GradScaler's scale), clipped (multiplied by max_grad_norm's factor) and negated when maximizing. The update rewrites r[0] (param) and r[2...]
 // (states); the driver stores those back rounded to the storage dtype. `c` is the tensor's row of
 // coefficients, kColumns of them, named in each maths' Column enum; every branch depends on a
 // coefficient or an option, never on an element, so one code path serves scalars and vectors.
@@ -137,14 +137,23 @@ struct AdamMath {
   }
 };
 
-// The part every driver shares: unscale the grad, negate it to maximize, run the update. Returns the
-// unscaled grad, which the driver writes back when scaled (as torch's fused kernels do).
+// What every update does to the stored grad first, read once per call (CUDA: per chunk).
+struct GradTransform {
+  bool scaled;  // divide by GradScaler's `scale`, and write the unscaled grad back
+  float scale;
+  bool clipped;  // multiply by max_grad_norm's factor `clip` (not written back)
+  float clip;
+  bool maximize;  // negate
+};
+
+// The part every driver shares: transform the grad, run the update. Returns the unscaled grad, which the
+// driver writes back when scaled (as torch's fused kernels do).
 template <int N, typename Math, typename T>
-C10_HOST_DEVICE inline T update_element(T (&r)[N], const float* c, bool scaled, float scale, bool maximize,
-                                        const Math& math) {
-  if (scaled) r[1] = r[1] / T(scale);
+C10_HOST_DEVICE inline T update_element(T (&r)[N], const float* c, const GradTransform& grad, const Math& math) {
+  if (grad.scaled) r[1] = r[1] / T(grad.scale);
   const T unscaled = r[1];
-  if (maximize) r[1] = -r[1];
+  if (grad.clipped) r[1] = r[1] * T(grad.clip);
+  if (grad.maximize) r[1] = -r[1];
   math(r, c);
   return unscaled;
 }

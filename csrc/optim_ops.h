@@ -1,7 +1,8 @@
 // The four optimizer ops, written once over a Backend (CPU or CUDA) that supplies
 //   template <int N, typename Math> static void apply(const std::vector<at::TensorList>& lists,
 //       const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
-//       const std::optional<at::Tensor>& found_inf, bool maximize, const Math& math);
+//       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip, bool maximize,
+//       const Math& math);
 // Each op's lists are [params, grads, states...]; optional states are empty lists. N, the number of
 // lists, is a compile-time constant so the per-element loops over them unroll; each op instantiates
 // only the counts its options can produce.
@@ -85,60 +86,73 @@ inline void check_lists(const std::vector<at::TensorList>& lists, const at::Tens
   }
 }
 
+// max_grad_norm's clip factor: one element, which every kernel reads as a float.
+inline void check_grad_clip(const std::optional<at::Tensor>& grad_clip) {
+  TORCH_CHECK(!grad_clip.has_value() || (grad_clip->numel() == 1 && grad_clip->is_floating_point()),
+              "resfast: grad_clip must be a one-element floating-point tensor, got ",
+              grad_clip.has_value() ? grad_clip->sizes() : at::IntArrayRef{});
+}
+
 template <typename Backend>
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const at::Tensor& coef,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
-          bool nesterov, bool maximize) {
+          bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_clip) {
   std::vector<at::TensorList> lists{params, grads};
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
+  check_grad_clip(grad_clip);
   check_lists(lists, coef, SgdMath::kColumns);
   const SgdMath math{has_wd, nesterov};
   if (!momentum_buffers.empty()) {
-    Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
+    Backend::template apply<3>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
   } else {
-    Backend::template apply<2>(lists, coef, grad_scale, found_inf, maximize, math);
+    Backend::template apply<2>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
   }
 }
 
 template <typename Backend>
 void rmsprop_(at::TensorList params, at::TensorList grads, at::TensorList square_avgs, at::TensorList grad_avgs,
               at::TensorList momentum_buffers, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf, bool has_wd, bool maximize) {
+              const std::optional<at::Tensor>& found_inf, bool has_wd, bool maximize,
+              const std::optional<at::Tensor>& grad_clip) {
   std::vector<at::TensorList> lists{params, grads, square_avgs};
   if (!grad_avgs.empty()) lists.push_back(grad_avgs);
   if (!momentum_buffers.empty()) lists.push_back(momentum_buffers);
+  check_grad_clip(grad_clip);
   check_lists(lists, coef, RmspropMath::kColumns);
   const RmspropMath math{has_wd, !grad_avgs.empty(), !momentum_buffers.empty()};
   switch (lists.size()) {
-    case 3: return Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, math);
-    case 4: return Backend::template apply<4>(lists, coef, grad_scale, found_inf, maximize, math);
-    default: return Backend::template apply<5>(lists, coef, grad_scale, found_inf, maximize, math);
+    case 3: return Backend::template apply<3>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
+    case 4: return Backend::template apply<4>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
+    default: return Backend::template apply<5>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
   }
 }
 
 template <typename Backend>
 void adagrad_(at::TensorList params, at::TensorList grads, at::TensorList sums, const at::Tensor& coef,
               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
-              bool maximize) {
+              bool maximize, const std::optional<at::Tensor>& grad_clip) {
   std::vector<at::TensorList> lists{params, grads, sums};
+  check_grad_clip(grad_clip);
   check_lists(lists, coef, AdagradMath::kColumns);
-  Backend::template apply<3>(lists, coef, grad_scale, found_inf, maximize, AdagradMath{has_wd});
+  Backend::template apply<3>(lists, coef, grad_scale, found_inf, grad_clip, maximize, AdagradMath{has_wd});
 }
 
 template <typename Backend>
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
            at::TensorList max_exp_avg_sqs, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf, int64_t wd_mode, bool maximize) {
+           const std::optional<at::Tensor>& found_inf, int64_t wd_mode, bool maximize,
+           const std::optional<at::Tensor>& grad_clip) {
   std::vector<at::TensorList> lists{params, grads, exp_avgs, exp_avg_sqs};
   if (!max_exp_avg_sqs.empty()) lists.push_back(max_exp_avg_sqs);
+  check_grad_clip(grad_clip);
   check_lists(lists, coef, AdamMath::kColumns);
   TORCH_CHECK(wd_mode == AdamMath::kNone || wd_mode == AdamMath::kL2 || wd_mode == AdamMath::kDecoupled,
               "resfast: wd_mode must be 0 (none), 1 (l2) or 2 (decoupled), got ", wd_mode);
   const AdamMath math{static_cast<int>(wd_mode)};
   if (!max_exp_avg_sqs.empty()) {
-    Backend::template apply<5>(lists, coef, grad_scale, found_inf, maximize, math);
+    Backend::template apply<5>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
   } else {
-    Backend::template apply<4>(lists, coef, grad_scale, found_inf, maximize, math);
+    Backend::template apply<4>(lists, coef, grad_scale, found_inf, grad_clip, maximize, math);
   }
 }
 
@@ -147,18 +161,19 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 #define RESFAST_DEFINE_OPTIM_SCHEMAS(m)                                                                          \
   m.def(                                                                                                         \
       "sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "               \
-      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool nesterov, bool maximize) -> ()");                 \
+      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool nesterov, bool maximize, "                       \
+      "Tensor? grad_clip=None) -> ()");                 \
   m.def(                                                                                                         \
       "rmsprop_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] square_avgs, Tensor(d!)[] grad_avgs, "     \
       "Tensor(e!)[] momentum_buffers, Tensor coef, Tensor? grad_scale, Tensor? found_inf, bool has_wd, "         \
-      "bool maximize) -> ()");                                                                                   \
+      "bool maximize, Tensor? grad_clip=None) -> ()");                                                           \
   m.def(                                                                                                         \
       "adagrad_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] sums, Tensor coef, Tensor? grad_scale, "   \
-      "Tensor? found_inf, bool has_wd, bool maximize) -> ()");                                                   \
+      "Tensor? found_inf, bool has_wd, bool maximize, Tensor? grad_clip=None) -> ()");                                                   \
   m.def(                                                                                                         \
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "         \
       "Tensor(e!)[] max_exp_avg_sqs, Tensor coef, Tensor? grad_scale, Tensor? found_inf, int wd_mode, "          \
-      "bool maximize) -> ()")
+      "bool maximize, Tensor? grad_clip=None) -> ()")
 
 // Registers the four ops for one dispatch key (used inside TORCH_LIBRARY_IMPL).
 #define RESFAST_REGISTER_OPTIM_OPS(m, Backend)     \

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import resfast.optim
 from benchmarks import bench_bn, bench_optim, bench_train, run_all
 from benchmarks.common import cli, context, correctness, paths, reliability, results, table, timing
 from benchmarks.common.env import Env, device_slug
@@ -74,8 +75,11 @@ def _assert_resfast_rows(rows: list[dict[str, str]], path: str, stdout: str) -> 
 def test_bench_optim_smoke(tmp_path):
     result = _run("bench_optim.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), interpret=True)
     rows = _rows(tmp_path, "optim")
-    _assert_run_ok(result, rows, ("torch-forloop", "torch-foreach"))
-    fused = [r for r in rows if r["path"] == "torch-fused"]
+    # torch.optim has no LARS: its torch rows say so; every other optimizer has torch's eager paths.
+    lars = [r for r in rows if r["optimizer"] == "LARS" and r["path"] in ("torch-forloop", "torch-foreach")]
+    assert lars and all(r["status"] == "SKIP" and "torch.optim has no LARS" in r["note"] for r in lars)
+    _assert_run_ok(result, [r for r in rows if r["optimizer"] != "LARS"], ("torch-forloop", "torch-foreach"))
+    fused = [r for r in rows if r["path"] == "torch-fused" and r["optimizer"] != "LARS"]
     assert all(r["status"] == "ok" or "has no fused" in r["note"] for r in fused)
     assert {r["optimizer"] for r in fused if r["status"] == "SKIP"} <= {"RMSprop"}
     assert {r["optimizer"] for r in rows} == {s.label for s in bench_optim.OPTIMIZERS.values()}
@@ -93,10 +97,15 @@ def test_bench_optim_smoke(tmp_path):
     assert {r["path"] for r in host} == set(bench_optim.HOST_PATHS) - {"resfast-cuda"}
     assert all(r["n_tensors"] == r["numel"] == "5" and r["dtype"] == "fp32" for r in host)
     for r in host:
-        assert r["status"] == "ok" or (r["path"] == "resfast-cpu" and r["status"] == "SKIP"), r
+        torch_has_none = r["optimizer"] == "LARS" and r["path"] == "torch-foreach"
+        assert r["status"] == "ok" or (
+            (r["path"] == "resfast-cpu" or torch_has_none) and r["status"] == "SKIP"
+        ), r
         assert r["status"] != "ok" or (float(r["ms"]) > 0 and r["reliable"] and r["load"]), r
     rmsprop_fused = next(r for r in host if (r["optimizer"], r["path"]) == ("RMSprop", "torch-fused"))
     assert "Adagrad" in rmsprop_fused["note"]
+    lars_fused = next(r for r in host if (r["optimizer"], r["path"]) == ("LARS", "torch-fused"))
+    assert lars_fused["status"] == "ok" and "SGD" in lars_fused["note"]
     assert "| optimizer | torch-foreach | torch-fused | resfast-triton |" in result.stdout
     assert result.stdout.rindex("best resfast vs best torch") > result.stdout.rindex("µs (p20-p80)")
     # run_all --report prints both tables of the run.
@@ -165,7 +174,7 @@ def test_run_all_runs_a_bench_then_prints_its_tables(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 BAD_ARGS = [
-    (bench_optim, ["--optimizer", "adamm"], ["adamm", "sgd, rmsprop, adagrad, adam, adamw"]),
+    (bench_optim, ["--optimizer", "adamm"], ["adamm", "sgd, rmsprop, adagrad, adam, adamw, lars, sgd-clip"]),
     (bench_optim, ["--params", "resnet99"], ["resnet99", "resnet18", "resnet50", "cifar-resnet20", "flat"]),
     (bench_optim, ["--paths", "torch-fast"], ["torch-fast", "torch-forloop", "resfast-triton"]),
     (bench_optim, ["--device", "tpu"], ["tpu", "cpu, cuda, cuda:N"]),
@@ -221,7 +230,19 @@ def test_smoke_results_never_default_to_the_committed_folder():
 
 
 @pytest.mark.parametrize(
-    ("name", "per_param"), [("sgd", 20), ("rmsprop", 20), ("adagrad", 20), ("adam", 28), ("adamw", 28)]
+    ("name", "per_param"),
+    # LARS: SGD-momentum's bytes and one more read of param and grad (the norms); clipping: one more
+    # read of the grad (the global norm).
+    [
+        ("sgd", 20),
+        ("rmsprop", 20),
+        ("adagrad", 20),
+        ("adam", 28),
+        ("adamw", 28),
+        ("lars", 28),
+        ("sgd-clip", 24),
+        ("adam-clip", 32),
+    ],
 )
 def test_optimizer_bytes_per_param(name, per_param):
     spec = bench_optim.OPTIMIZERS[name]
@@ -235,7 +256,8 @@ def test_counted_states_are_the_ones_torch_keeps(name):
     spec = bench_optim.OPTIMIZERS[name]
     p = torch.ones(4, requires_grad=True)
     p.grad = torch.ones(4)
-    opt = getattr(torch.optim, spec.cls)([p], **spec.kwargs)
+    # LARS is not in torch.optim: resfast's keeps the state torch's SGD would.
+    opt = getattr(torch.optim if spec.cls != "LARS" else resfast.optim, spec.cls)([p], **spec.kwargs)
     opt.step()
     per_element = {k for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and v.shape == p.shape}
     assert per_element == set(spec.states)

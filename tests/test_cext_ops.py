@@ -36,6 +36,11 @@ def _cases():
             ops.rmsprop_.default,
             (p, g, sq, ga, buf, torch.full((4, 6), 0.1), torch.tensor(2.0), torch.tensor(0.0), False, True),
         ),
+        # with max_grad_norm's clip factor, the trailing optional argument every update op takes
+        "sgd_+grad_clip": (
+            ops.sgd_.default,
+            (p, g, buf, torch.full((4, 5), 0.1), None, None, True, False, False, torch.tensor([0.25])),
+        ),
         "adagrad_": (ops.adagrad_.default, (p, g, sq, torch.full((4, 3), 0.1), None, None, True, False)),
         "adam_": (ops.adam_.default, (p, g, m, v, vmax, adam_coef, None, None, 2, False)),
         "count_steps_": (ops.count_steps_.default, (steps, torch.tensor([0.0]))),
@@ -45,7 +50,8 @@ def _cases():
 
 
 @pytest.mark.parametrize(
-    "name", ["sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_", "adam_coef", "adagrad_coef"]
+    "name",
+    ["sgd_", "rmsprop_", "adagrad_", "adam_", "sgd_+grad_clip", "count_steps_", "adam_coef", "adagrad_coef"],
 )
 def test_opcheck(name):
     op, args = _cases()[name]
@@ -71,6 +77,8 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         op(p, g, m, v, vmax, coef.double(), *rest)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         op(*[[t.double() for t in lst] for lst in (p, g, m, v, vmax)], coef, *rest)
+    with pytest.raises(RuntimeError, match="grad_clip must be a one-element floating-point tensor"):
+        op(p, g, m, v, vmax, coef, *rest, grad_clip=torch.ones(2))
     with pytest.raises(RuntimeError, match="not dense"):
         op(
             [torch.rand(4, 4)[:, :2]],

@@ -101,6 +101,15 @@ def test_cuda_kernel_body_matches_reference(native, case, dtype):
     _assert_matches_reference(_trajectory(name, kwargs, native, make_params(dtype)), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_clip_factor_in_the_kernel_body(native, name, dtype):
+    """max_grad_norm's factor (3.0 clips every step of these grads) multiplies the grad in the kernel body."""
+    kwargs = {"max_grad_norm": 3.0, "weight_decay": 0.1, "maximize": True}
+    want = _trajectory(name, kwargs, "reference", make_params(dtype))
+    _assert_matches_reference(_trajectory(name, kwargs, native, make_params(dtype)), want)
+
+
 def _staggered_steps(name: str, backend: str, scaler_skips_first: bool) -> list:
     """An empty tensor between tensors whose step counts differ: `late` gets its first grad one step
     after the others. With scaler_skips_first, the first step is skipped as GradScaler skips it

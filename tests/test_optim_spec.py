@@ -97,9 +97,11 @@ def test_coefficient_tables_have_the_specs_width():
 @pytest.mark.parametrize("op", NATIVE_OPS)
 def test_native_op_schemas_take_the_specs_lists_and_options(op):
     """Each native op takes params, grads, one list per state of the spec (its key, plural), the
-    coefficients, GradScaler's tensors, then exactly the spec's options, in order."""
+    coefficients, GradScaler's tensors, exactly the spec's options in order, then max_grad_norm's
+    clip factor (optional, last: every update takes it the same way)."""
     _native_extension()
     spec = SPECS[op]
     names = [a.name for a in getattr(torch.ops.resfast, f"{op}_").default._schema.arguments]
     states = [f"{s.key}s" for s in spec.states]
-    assert names == ["params", "grads", *states, "coef", "grad_scale", "found_inf", *spec.options]
+    scaler = ["grad_scale", "found_inf"]
+    assert names == ["params", "grads", *states, "coef", *scaler, *spec.options, "grad_clip"]

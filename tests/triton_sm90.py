@@ -7,7 +7,7 @@ real JIT functions, not under TRITON_INTERPRET=1):
 
 How: every `JITFunction.run` (what `kernel[grid](...)` calls) is replaced by a recorder, and the
 launchers are called with CPU tensors for a representative set of calls (every optimizer case of
-tests/optim_cases.py in every dtype, with GradScaler, master weights and stochastic rounding; LARS's
+tests/optim_cases.py in every dtype, with GradScaler, clipping, master weights and stochastic rounding; LARS's
 norm pass and update with its options; the BN
 passes in both layouts, all dtypes, odd and even spatial sizes, training and eval). Nothing runs.
 Each distinct specialisation is then compiled as Triton itself would for an sm_90 device: Triton's
@@ -66,12 +66,19 @@ def _optimizer_calls() -> None:
     for name in OPTIMIZERS:
         for dtype in DTYPES:
             step(name, dtype, {}, scaled=True)
+            step(name, dtype, {"max_grad_norm": 1.0}, scaled=True)  # the clip factor's operand
         for dtype in (torch.bfloat16, torch.float16):
             step(name, dtype, {"master_weights": True})
         step(name, torch.bfloat16, {"bf16_stochastic_rounding": True})
     # LARS (no torch counterpart, so not in CASES): its options with and without adaptation (the norm
     # pass runs only with it), each dtype, with GradScaler's scale.
-    for kwargs in ({}, {"weight_decay": 0.1, "nesterov": True}, {"maximize": True, "momentum": 0.0}):
+    lars_options = (
+        {},
+        {"weight_decay": 0.1, "nesterov": True},
+        {"maximize": True, "momentum": 0.0},
+        {"weight_decay": 0.1, "max_grad_norm": 1.0},
+    )
+    for kwargs in lars_options:
         for dtype in DTYPES:
             for group in ({}, {"lars_adaptation": False}):
                 for scaled in (False, True):

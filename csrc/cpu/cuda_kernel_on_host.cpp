@@ -29,10 +29,10 @@ bool host_has_fma() { return true; }
 struct CudaKernelOnHost {
   template <typename T, int N, typename Math>
   RESFAST_HOST_FMA static void run_launch(const WorkTable& work, const float* coef, const float* scale,
-                                          bool maximize, const Math& math) {
+                                          const float* clip, bool maximize, const Math& math) {
     for (int64_t block = 0; block < work.n_chunks; ++block) {
       for (int thread = 0; thread < kCudaThreads; ++thread) {
-        update_chunk_share<T, N>(work.rows.data(), work.n_rows, block, coef, scale, maximize, math, thread,
+        update_chunk_share<T, N>(work.rows.data(), work.n_rows, block, coef, scale, clip, maximize, math, thread,
                                  kCudaThreads);
       }
     }
@@ -41,7 +41,7 @@ struct CudaKernelOnHost {
   template <int N, typename Math>
   static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    bool maximize, const Math& math) {
+                    const std::optional<at::Tensor>& grad_clip, bool maximize, const Math& math) {
     const at::TensorList params = lists[0];
     TORCH_CHECK(host_has_fma(), "resfast_cuda_on_host: this CPU has no FMA instructions, which the GPU's "
                 "arithmetic needs to be reproduced");
@@ -49,11 +49,13 @@ struct CudaKernelOnHost {
     const WorkTable work = build_work_table<N>(lists, kCudaChunk);
     const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(at::kFloat).contiguous() : at::Tensor();
     const float* scale_ptr = grad_scale.has_value() ? scale.const_data_ptr<float>() : nullptr;
+    const at::Tensor clip = grad_clip.has_value() ? grad_clip->to(at::kFloat).contiguous() : at::Tensor();
+    const float* clip_ptr = grad_clip.has_value() ? clip.const_data_ptr<float>() : nullptr;
     const float* coef_ptr = coef.const_data_ptr<float>();
     switch (params[0].scalar_type()) {  // check_lists admits only these three
-      case at::kBFloat16: return run_launch<c10::BFloat16, N>(work, coef_ptr, scale_ptr, maximize, math);
-      case at::kHalf: return run_launch<c10::Half, N>(work, coef_ptr, scale_ptr, maximize, math);
-      default: return run_launch<float, N>(work, coef_ptr, scale_ptr, maximize, math);
+      case at::kBFloat16: return run_launch<c10::BFloat16, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
+      case at::kHalf: return run_launch<c10::Half, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
+      default: return run_launch<float, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
     }
   }
 };

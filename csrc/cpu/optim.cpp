@@ -64,7 +64,7 @@ struct CpuBackend {
   template <int N, typename Math>
   static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    bool maximize, const Math& math) {
+                    const std::optional<at::Tensor>& grad_clip, bool maximize, const Math& math) {
     const at::TensorList params = lists[0];
     if (params.empty()) return;
     // On the CPU these reads cost nothing; a skipped step touches no tensor at all.
@@ -81,8 +81,9 @@ struct CpuBackend {
       chunks[i].begin = span.begin;
       chunks[i].end = span.end;
     }
-    Job job{nullptr, 0, storage_of(params[0].scalar_type()), grad_scale.has_value(), 1.f, maximize};
-    if (job.scaled) job.scale = grad_scale->item<float>();
+    const GradTransform grad{grad_scale.has_value(), grad_scale.has_value() ? grad_scale->item<float>() : 1.f,
+                             grad_clip.has_value(), grad_clip.has_value() ? grad_clip->item<float>() : 1.f, maximize};
+    const Job job{nullptr, 0, storage_of(params[0].scalar_type()), grad};
     const auto kernel = kernel_for_this_cpu<N, Math>();
     // A call with little work runs on this thread: starting the parallel region (and waiting for every
     // thread at its end, which on a loaded machine can take milliseconds) would cost more than it saves.

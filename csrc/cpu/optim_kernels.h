@@ -24,9 +24,7 @@ struct Job {
   const Chunk* chunks;
   int64_t count;
   Storage storage;
-  bool scaled;  // divide grads by `scale` and write them back unscaled, as torch's fused steps do
-  float scale;
-  bool maximize;
+  GradTransform grad;  // scaled grads are written back unscaled, as torch's fused steps do
 };
 
 // The (number of tensor lists, maths) pairs the ops instantiate; each instruction-set build defines

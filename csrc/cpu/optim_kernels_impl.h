@@ -39,12 +39,13 @@ using Vec = at::vec::Vectorized<float>;
 // elements as fp32 vectors, update, store back. The storage vector of a 16-bit dtype holds two fp32
 // vectors' worth of elements.
 template <typename scalar_t, int N, typename Math>
-inline void update_block(scalar_t* const (&ptr)[N], int64_t e, int64_t count, const float* c, bool scaled,
-                         float scale, bool maximize, const Math& math) {
+inline void update_block(scalar_t* const (&ptr)[N], int64_t e, int64_t count, const float* c,
+                         const GradTransform& grad, const Math& math) {
+  const bool scaled = grad.scaled;
   if constexpr (std::is_same_v<scalar_t, float>) {
     Vec r[N];
     for (int k = 0; k < N; ++k) r[k] = Vec::loadu(ptr[k] + e, count);
-    const Vec unscaled = update_element(r, c, scaled, scale, maximize, math);
+    const Vec unscaled = update_element(r, c, grad, math);
     if (scaled) unscaled.store(ptr[1] + e, count);
     r[0].store(ptr[0] + e, count);
     for (int k = 2; k < N; ++k) r[k].store(ptr[k] + e, count);
@@ -54,8 +55,8 @@ inline void update_block(scalar_t* const (&ptr)[N], int64_t e, int64_t count, co
     for (int k = 0; k < N; ++k) {
       std::tie(lo[k], hi[k]) = at::vec::convert_to_float<scalar_t>(Stored::loadu(ptr[k] + e, count));
     }
-    const Vec unscaled_lo = update_element(lo, c, scaled, scale, maximize, math);
-    const Vec unscaled_hi = update_element(hi, c, scaled, scale, maximize, math);
+    const Vec unscaled_lo = update_element(lo, c, grad, math);
+    const Vec unscaled_hi = update_element(hi, c, grad, math);
     const int n = static_cast<int>(count);
     if (scaled) at::vec::convert_from_float<scalar_t>(unscaled_lo, unscaled_hi).store(ptr[1] + e, n);
     at::vec::convert_from_float<scalar_t>(lo[0], hi[0]).store(ptr[0] + e, n);
@@ -71,13 +72,12 @@ void update_chunk(const Chunk& chunk, const Job& job, const Math& math) {
   // the maths apart from the tensors the loop stores to, and would reload them at every vector step.
   float c[Math::kColumns];
   std::copy(chunk.coef, chunk.coef + Math::kColumns, c);
-  const bool scaled = job.scaled, maximize = job.maximize;
-  const float scale = job.scale;
+  const GradTransform grad = job.grad;
   const Math m = math;
   constexpr int64_t step = std::is_same_v<scalar_t, float> ? Vec::size() : 2 * Vec::size();
   int64_t e = chunk.begin;
-  for (; e + step <= chunk.end; e += step) update_block(ptr, e, step, c, scaled, scale, maximize, m);
-  if (e < chunk.end) update_block(ptr, e, chunk.end - e, c, scaled, scale, maximize, m);
+  for (; e + step <= chunk.end; e += step) update_block(ptr, e, step, c, grad, m);
+  if (e < chunk.end) update_block(ptr, e, chunk.end - e, c, grad, m);
 }
 
 }  // namespace

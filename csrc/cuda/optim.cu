@@ -4,7 +4,7 @@
 // element count, first chunk and coefficient row); each block takes one chunk of kCudaChunk elements
 // and runs csrc/multi_tensor_update.h on it, the body the CPU tests also run compiled for the host.
 // The table lives on the device and is reused while the addresses do not change (always, inside a
-// CUDA graph). grad_scale / found_inf are read on the device: no host synchronisation.
+// CUDA graph). grad_scale / found_inf / grad_clip are read on the device: no host synchronisation.
 // Only c10/cuda and the CUDA runtime: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS headers
 // that a minimal CUDA toolkit (nvcc only) does not ship.
 #include <ATen/ATen.h>
@@ -35,9 +35,11 @@ namespace {
 template <typename T, int N, typename Math>
 __global__ void __launch_bounds__(kCudaThreads)
     multi_tensor_update(const int64_t* __restrict__ table, int64_t n_rows, const float* __restrict__ coef,
-                        const float* grad_scale, const float* found_inf, bool maximize, Math math) {
+                        const float* grad_scale, const float* found_inf, const float* grad_clip, bool maximize,
+                        Math math) {
   if (found_inf != nullptr && *found_inf != 0.f) return;  // a skipped step touches nothing
-  update_chunk_share<T, N>(table, n_rows, blockIdx.x, coef, grad_scale, maximize, math, threadIdx.x, kCudaThreads);
+  update_chunk_share<T, N>(table, n_rows, blockIdx.x, coef, grad_scale, grad_clip, maximize, math, threadIdx.x,
+                           kCudaThreads);
 }
 
 // Device tables keyed by their host contents. Reusing one is what makes the step capturable: a graph
@@ -86,7 +88,7 @@ struct CudaBackend {
   template <int N, typename Math>
   static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    bool maximize, const Math& math) {
+                    const std::optional<at::Tensor>& grad_clip, bool maximize, const Math& math) {
     const at::TensorList params = lists[0];
     if (params.empty()) return;
     WorkTable work = build_work_table<N>(lists, kCudaChunk);
@@ -96,7 +98,8 @@ struct CudaBackend {
     auto [table, chunks] = table_cache().get(std::move(work.rows), work.n_chunks, params[0].device());
     const float* scale_ptr = nullptr;
     const float* inf_ptr = nullptr;
-    at::Tensor scale_t, inf_t;  // keep converted copies alive until the launch is queued
+    const float* clip_ptr = nullptr;
+    at::Tensor scale_t, inf_t, clip_t;  // keep converted copies alive until the launch is queued
     if (grad_scale.has_value()) {
       scale_t = grad_scale->to(params[0].device(), at::kFloat);
       scale_ptr = scale_t.data_ptr<float>();
@@ -105,10 +108,15 @@ struct CudaBackend {
       inf_t = found_inf->to(params[0].device(), at::kFloat);
       inf_ptr = inf_t.data_ptr<float>();
     }
+    if (grad_clip.has_value()) {
+      clip_t = grad_clip->to(params[0].device(), at::kFloat);
+      clip_ptr = clip_t.data_ptr<float>();
+    }
     auto stream = c10::cuda::getCurrentCUDAStream(params[0].device().index());
     RESFAST_DISPATCH_STORAGE_TYPES(params[0].scalar_type(), "resfast_optim_cuda", [&] {
       multi_tensor_update<scalar_t, N, Math><<<static_cast<unsigned>(chunks), kCudaThreads, 0, stream>>>(
-          table.data_ptr<int64_t>(), work.n_rows, coef.data_ptr<float>(), scale_ptr, inf_ptr, maximize, math);
+          table.data_ptr<int64_t>(), work.n_rows, coef.data_ptr<float>(), scale_ptr, inf_ptr, clip_ptr, maximize,
+          math);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -62,10 +62,13 @@ def launch(call: FusedCall) -> None:
         if prepared is None or prepared[0] != key:
             update = resfast._C.PreparedUpdate(call.spec.op, call.params, lists, **call.options)
             prepared = call.kept["native"] = (key, update)
-        prepared[1].run(call.grads, call.coef, call.grad_scale, call.found_inf)
+        prepared[1].run(call.grads, call.coef, call.grad_scale, call.found_inf, call.grad_clip)
         return
     op = getattr(_ops, f"{call.spec.op}_")
-    op(call.params, call.grads, *lists, call.coef, call.grad_scale, call.found_inf, **call.options)
+    op(
+        call.params, call.grads, *lists, call.coef, call.grad_scale, call.found_inf, **call.options,
+        grad_clip=call.grad_clip,
+    )  # fmt: skip
 
 
 # The four updates, with resfast.kernels.reference_optim's signatures.

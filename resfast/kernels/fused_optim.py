@@ -34,6 +34,8 @@ class FusedCall:
     options: dict[str, Any]  # the kernel flags, keyed by spec.options
     grad_scale: Tensor | None = None  # GradScaler's: unscale in the kernel, skip on found_inf != 0
     found_inf: Tensor | None = None
+    # max_grad_norm's clip factor (fp32 [1], on the params' device): multiplies every unscaled grad
+    grad_clip: Tensor | None = None
     master_params: list[Tensor] | None = None  # low-precision modes (see the README)
     stochastic_seed: int | None = None
     # A kept kernel call's own store, the same dict at every step that reuses the call (see

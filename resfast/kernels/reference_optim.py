@@ -8,6 +8,8 @@ deliberate differences that make them the specification of a *fused* update:
   rounded once when stored), as torch's fused kernels do; float32/float64 tensors update in place.
 - AMP: ``grad_scale`` divides the gradient (the unscaled gradient is written back to ``.grad``, as
   torch's fused kernels do) and a nonzero ``found_inf`` leaves every tensor untouched.
+- Clipping: ``grad_clip`` (a one-element fp32 tensor, ``min(1, max_grad_norm / (norm + 1e-6))`` of the
+  optimizer's global grad norm) multiplies the unscaled gradient; ``.grad`` keeps the unclipped one.
 - Low-precision params (beyond torch): with ``master_params`` (fp32 copies, one per param) the update
   runs on the master, which is kept, and the param receives it rounded to nearest-even; with
   ``stochastic_seed`` a bf16 param is rounded stochastically instead (unbiased; see
@@ -72,11 +74,13 @@ class _Params:
             _store(param, value)
 
 
-def _grad(grad: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+def _grad(grad: Tensor, grad_scale: Tensor | None, grad_clip: Tensor | None, maximize: bool) -> Tensor:
     g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad.clone()
     if grad_scale is not None:
         g = g / grad_scale.to(g.device)
         grad.copy_(g)
+    if grad_clip is not None:
+        g = g * grad_clip.to(g.device)  # not written back: .grad keeps the unclipped gradient
     return -g if maximize else g
 
 
@@ -94,6 +98,7 @@ def sgd(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    grad_clip: Tensor | None = None,
     master_params: list[Tensor] | None = None,
     stochastic_seed: int | None = None,
 ) -> None:
@@ -104,7 +109,7 @@ def sgd(
     out = _Params(params, master_params, stochastic_seed)
     for i, (grad, buf, is_fresh) in enumerate(zip(grads, momentum_buffers, fresh, strict=True)):
         p = out.load(i)
-        g = _grad(grad, grad_scale, maximize)
+        g = _grad(grad, grad_scale, grad_clip, maximize)
         if weight_decay != 0:
             g = g + p * weight_decay
         if momentum != 0:
@@ -137,6 +142,7 @@ def rmsprop(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    grad_clip: Tensor | None = None,
     master_params: list[Tensor] | None = None,
     stochastic_seed: int | None = None,
 ) -> None:
@@ -147,7 +153,7 @@ def rmsprop(
     out = _Params(params, master_params, stochastic_seed)
     for i in range(len(params)):
         p = out.load(i)
-        g = _grad(grads[i], grad_scale, maximize)
+        g = _grad(grads[i], grad_scale, grad_clip, maximize)
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         sq = _fp32(square_avgs[i])
@@ -188,6 +194,7 @@ def adagrad(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    grad_clip: Tensor | None = None,
     master_params: list[Tensor] | None = None,
     stochastic_seed: int | None = None,
 ) -> None:
@@ -198,10 +205,10 @@ def adagrad(
     for i, (param, grad, state_sum, step_t) in enumerate(zip(params, grads, state_sums, steps, strict=True)):
         clr = lr / (1 + (step_t.item() - 1) * lr_decay)
         if grad.is_sparse:
-            _adagrad_sparse(param, grad, state_sum, clr, weight_decay, eps, maximize, grad_scale)
+            _adagrad_sparse(param, grad, state_sum, clr, weight_decay, eps, maximize, grad_scale, grad_clip)
             continue
         p = out.load(i)
-        g = _grad(grad, grad_scale, maximize)
+        g = _grad(grad, grad_scale, grad_clip, maximize)
         if weight_decay != 0:
             g = g.add(p, alpha=weight_decay)
         s = _fp32(state_sum)
@@ -220,12 +227,15 @@ def _adagrad_sparse(
     eps: float,
     maximize: bool,
     grad_scale: Tensor | None,
+    grad_clip: Tensor | None,
 ) -> None:
     # torch's own sparse rule, verbatim in meaning: only rows present in the gradient change.
     if weight_decay != 0:
         raise RuntimeError("weight_decay option is not compatible with sparse gradients")
     if grad_scale is not None:
         grad = grad / grad_scale
+    if grad_clip is not None:
+        grad = grad * grad_clip
     grad = (-grad if maximize else grad).coalesce()
     indices, values = grad._indices(), grad._values()
 
@@ -256,6 +266,7 @@ def adam(
     decoupled_weight_decay: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    grad_clip: Tensor | None = None,
     master_params: list[Tensor] | None = None,
     stochastic_seed: int | None = None,
 ) -> None:
@@ -265,7 +276,7 @@ def adam(
     out = _Params(params, master_params, stochastic_seed)
     for i in range(len(params)):
         p = out.load(i)
-        g = _grad(grads[i], grad_scale, maximize)
+        g = _grad(grads[i], grad_scale, grad_clip, maximize)
         step = steps[i].item()
         if weight_decay != 0:
             if decoupled_weight_decay:
@@ -306,6 +317,7 @@ def lars(
     maximize: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    grad_clip: Tensor | None = None,
     master_params: list[Tensor] | None = None,
     stochastic_seed: int | None = None,
 ) -> None:
@@ -324,7 +336,7 @@ def lars(
     out = _Params(params, master_params, stochastic_seed)
     for i, (grad, buf) in enumerate(zip(grads, momentum_buffers, strict=True)):
         p = out.load(i)
-        g = _grad(grad, grad_scale, maximize)
+        g = _grad(grad, grad_scale, grad_clip, maximize)
         scaled_lr = lr
         if lars_adaptation:
             w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)

@@ -108,12 +108,18 @@ def _ptr(table_ptr, t, col: tl.constexpr, NCOL: tl.constexpr, DTYPE: tl.constexp
 
 
 @triton.jit
-def _grad(g_ptr, offs, mask, grad_scale_ptr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
-    """The fp32 gradient, unscaled (and written back unscaled, as torch's fused kernels do)."""
+def _grad(
+    g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, MAXIMIZE: tl.constexpr,
+):  # fmt: skip
+    """The fp32 gradient, unscaled (and written back unscaled, as torch's fused kernels do), then
+    clipped (not written back)."""
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale_ptr))
         store_rounded(g_ptr, offs, g, mask)
+    if HAS_CLIP:
+        g = g * tl.load(grad_clip_ptr)
     if MAXIMIZE:
         g = -g
     return g
@@ -161,6 +167,7 @@ def _store_param(
 #   table_ptr      int64 [n_tensors, NCOL]: addresses of param, grad, states..., then numel
 #   coef_ptr       float32 [n_tensors, K]: per-tensor coefficients, columns as in resfast.kernels.optim_spec
 #   grad_scale_ptr float32 [1]: GradScaler's scale (read only if HAS_SCALE)
+#   grad_clip_ptr  float32 [1]: the clip factor every unscaled grad is multiplied by (read only if HAS_CLIP)
 #   found_inf_ptr  float32 [1]: nonzero means skip the whole update (read only if HAS_INF)
 #   seed           int: the step's random seed for stochastic rounding (read only if SR)
 #   DTYPE          storage dtype of every tensor in the launch; math is fp32
@@ -171,9 +178,10 @@ def _store_param(
 
 @triton.jit
 def _sgd_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, grad_clip_ptr, found_inf_ptr, seed,
     HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad[, momentum_buffer], numel
@@ -183,7 +191,8 @@ def _sgd_kernel(
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     c = coef_ptr + t * SGD_COLUMNS
     p = _load(p_ptr, offs, mask)
-    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    g = _grad(g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr, HAS_SCALE, HAS_CLIP, MAXIMIZE)
     if HAS_WD:
         g = g + p * tl.load(c + SGD_WEIGHT_DECAY)
     if HAS_MOMENTUM:
@@ -202,9 +211,10 @@ def _sgd_kernel(
 
 @triton.jit
 def _rmsprop_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, grad_clip_ptr, found_inf_ptr, seed,
     HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, square_avg[, grad_avg][, momentum_buffer], numel
@@ -214,7 +224,8 @@ def _rmsprop_kernel(
     c = coef_ptr + t * RMSPROP_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
-    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    g = _grad(g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr, HAS_SCALE, HAS_CLIP, MAXIMIZE)
     if HAS_WD:
         g = g + p * tl.load(c + RMSPROP_WEIGHT_DECAY)
     one_minus_alpha = tl.load(c + RMSPROP_ONE_MINUS_ALPHA)
@@ -242,9 +253,9 @@ def _rmsprop_kernel(
 
 @triton.jit
 def _adagrad_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
-    HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
-    DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, grad_clip_ptr, found_inf_ptr, seed,
+    HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # table columns: param, grad, sum, numel
     # coefficients: SPECS["adagrad"].columns (ADAGRAD_* offsets)
@@ -253,7 +264,8 @@ def _adagrad_kernel(
     c = coef_ptr + t * ADAGRAD_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
-    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    g = _grad(g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr, HAS_SCALE, HAS_CLIP, MAXIMIZE)
     if HAS_WD:
         g = g + p * tl.load(c + ADAGRAD_WEIGHT_DECAY)
     s_ptr = _ptr(table_ptr, t, 2, NCOL, DTYPE)
@@ -276,9 +288,10 @@ def _adagrad_kernel(
 
 @triton.jit
 def _adam_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, grad_clip_ptr, found_inf_ptr, seed,
     WD_MODE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
     MASTER: tl.constexpr, SR: tl.constexpr,
 ):  # fmt: skip
     # WD_MODE: ADAM_WEIGHT_DECAY's none, l2 (added to the grad: Adam) or decoupled (AdamW)
@@ -289,7 +302,8 @@ def _adam_kernel(
     c = coef_ptr + t * ADAM_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
-    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    g = _grad(g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr, HAS_SCALE, HAS_CLIP, MAXIMIZE)
     if WD_MODE == WD_L2:
         g = g + p * tl.load(c + ADAM_WD_TERM)
     if WD_MODE == WD_DECOUPLED:
@@ -377,9 +391,11 @@ def _lars_norms_kernel(
 
 @triton.jit
 def _lars_kernel(
-    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, found_inf_ptr, seed, parts_ptr, first_part_ptr,
+    rows_ptr, table_ptr, coef_ptr, grad_scale_ptr, grad_clip_ptr, found_inf_ptr, seed,
+    parts_ptr, first_part_ptr,
     HAS_WD: tl.constexpr, LARS_ADAPTATION: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, HAS_INF: tl.constexpr, DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
     MASTER: tl.constexpr, SR: tl.constexpr, PARTS_BLOCK: tl.constexpr,
 ):  # fmt: skip
     # parts_ptr      float32 [n_spans, 2]: _lars_norms_kernel's partial sums (read only if LARS_ADAPTATION)
@@ -391,7 +407,8 @@ def _lars_kernel(
     c = coef_ptr + t * LARS_COLUMNS
     p_ptr = _ptr(table_ptr, t, 0, NCOL, tl.float32 if MASTER else DTYPE)
     p = _load(p_ptr, offs, mask)
-    g = _grad(_ptr(table_ptr, t, 1, NCOL, DTYPE), offs, mask, grad_scale_ptr, HAS_SCALE, MAXIMIZE)
+    g_ptr = _ptr(table_ptr, t, 1, NCOL, DTYPE)
+    g = _grad(g_ptr, offs, mask, grad_scale_ptr, grad_clip_ptr, HAS_SCALE, HAS_CLIP, MAXIMIZE)
     weight_decay = tl.load(c + LARS_WEIGHT_DECAY)
     scaled_lr = tl.load(c + LARS_LR)
     if LARS_ADAPTATION:
@@ -406,6 +423,8 @@ def _lars_kernel(
             g_sq += tl.load(parts_ptr + 2 * idx + 1, mask=in_range, other=0.0)
         w_norm = tl.sqrt_rn(tl.sum(w_sq, axis=0))
         g_norm = tl.sqrt_rn(tl.sum(g_sq, axis=0))
+        if HAS_CLIP:  # the norm pass summed the unclipped grad: |clip * g| = clip * |g|
+            g_norm = g_norm * tl.load(grad_clip_ptr)
         # A zero tensor or a zero grad keeps the plain lr (trust 1), as the rule says; its denominator
         # (0 when eps and the decay are) is replaced first, so no program divides by zero.
         adapt = (w_norm > 0) & (g_norm > 0)
@@ -538,6 +557,7 @@ def launch(call: FusedCall) -> None:
     # Unused pointer arguments still need a tensor; `coef` is never read through them.
     scale = grad_scale.to(device=device, dtype=torch.float32) if grad_scale is not None else coef
     inf = found_inf.to(device=device, dtype=torch.float32) if found_inf is not None else coef
+    clip = call.grad_clip if call.grad_clip is not None else coef  # fp32, on the device (the optimizer's)
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         operands: dict[str, Tensor | int] = {}
@@ -550,8 +570,9 @@ def launch(call: FusedCall) -> None:
             else:  # no norms to read: the update alone, one launch (`coef` fills the unused pointers)
                 operands = {"parts_ptr": coef, "first_part_ptr": coef, "PARTS_BLOCK": PARTS_BLOCK}
         _KERNELS[spec.op][(rows.shape[0],)](
-            rows, table, coef, scale, inf, stochastic_seed or 0,
-            HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, DTYPE=_TL_DTYPES[dtype],
+            rows, table, coef, scale, clip, inf, stochastic_seed or 0,
+            HAS_SCALE=grad_scale is not None, HAS_CLIP=call.grad_clip is not None,
+            HAS_INF=found_inf is not None, DTYPE=_TL_DTYPES[dtype],
             BLOCK=BLOCK, MASTER=master_params is not None, SR=stochastic_seed is not None, **flags,
             **operands,
         )  # fmt: skip

@@ -15,6 +15,7 @@ validation ``_checkpoint.py``, each update's contract ``resfast.kernels.optim_sp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,14 @@ def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
         torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor  # only asked of unusual tensor types: import it late
+
+    return isinstance(t, DTensor)
+
+
 # Low-precision params (beyond torch): how a bucket's bf16/fp16 params are stored after the update.
 MASTER, STOCHASTIC = "master-weight", "stochastic-rounding"
 
@@ -75,7 +84,7 @@ class FusedStep:
     - ``_sparse_grad_error``: torch's message for sparse grads (None: sparse grads are supported, as
       by torch's SGD and Adagrad, and run on the reference backend);
     - ``_update(fn, group, batch, extra)``: call kernel `fn` on a :class:`Batch`, with the keywords
-      `extra` (grad_scale, found_inf, master_params, stochastic_seed).
+      `extra` (grad_scale, found_inf, grad_clip, master_params, stochastic_seed).
     """
 
     _sparse_grad_error: str | None = None
@@ -84,19 +93,35 @@ class FusedStep:
     defaults: dict[str, Any]
 
     def _init_backend(
-        self, backend: str, master_weights: bool = False, bf16_stochastic_rounding: bool = False
+        self,
+        backend: str,
+        master_weights: bool = False,
+        bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         """resfast's own options. master_weights: keep an fp32 copy of every bf16/fp16 param in its state
         ("master_param"), update it and store the param rounded from it. bf16_stochastic_rounding:
-        no copy; round every updated bf16 param stochastically (unbiased). At most one of the two."""
+        no copy; round every updated bf16 param stochastically (unbiased). At most one of the two.
+        max_grad_norm: clip the grads inside the update (see :meth:`_grad_clip`)."""
         if master_weights and bf16_stochastic_rounding:
             raise ValueError(
                 "master_weights and bf16_stochastic_rounding are alternatives (stochastic rounding replaces "
                 "the master copy); choose one"
             )
+        if max_grad_norm is not None and (
+            isinstance(max_grad_norm, bool)
+            or not isinstance(max_grad_norm, (int, float))
+            or not 0 < max_grad_norm < math.inf
+        ):
+            raise ValueError(
+                f"Invalid max_grad_norm value: {max_grad_norm!r} (a finite number > 0, or None: no clipping)"
+            )
         self.backend = backends.validate(backend)
         self.master_weights = bool(master_weights)
         self.bf16_stochastic_rounding = bool(bf16_stochastic_rounding)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        # The last step's total grad norm (unscaled), a device tensor: set by steps that clip.
+        self.grad_norm: Tensor | None = None
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
 
@@ -105,6 +130,7 @@ class FusedStep:
             "backend": self.backend,
             "master_weights": self.master_weights,
             "bf16_stochastic_rounding": self.bf16_stochastic_rounding,
+            "max_grad_norm": self.max_grad_norm,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -276,12 +302,14 @@ class FusedStep:
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         seed: int | None,
+        grad_clip: Tensor | None,
     ) -> None:
         if batch.steps:
             _count_steps(batch.steps, found_inf)
         extra = {
             "grad_scale": grad_scale,
             "found_inf": found_inf,
+            "grad_clip": grad_clip,
             "master_params": batch.masters,
             "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
         }
@@ -329,6 +357,8 @@ class FusedStep:
         # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
         # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
         seed = int(torch.randint(0, 2**30, ()).item()) if self.bf16_stochastic_rounding else None
+        # The clip factor is computed after every group was validated: it changes nothing but grad_norm.
+        grad_clip = self._grad_clip(grad_scale) if self.max_grad_norm is not None else None
         update = self._update_all
         if torch.compiler.is_compiling() and any(b.backend == "triton" for plan in plans for b in plan):
             # The Triton launchers build their work table on the host and cannot be traced: the whole
@@ -336,8 +366,31 @@ class FusedStep:
             # would make dynamo compile every function the update calls as a frame of its own (per
             # parameter: warnings, then its recompile limit).
             update = torch.compiler.disable(update)
-        update(plans, cache, grad_scale, found_inf, seed)
+        update(plans, cache, grad_scale, found_inf, seed, grad_clip)
         return loss
+
+    def _grad_clip(self, grad_scale: Tensor | None) -> Tensor | None:
+        """``min(1, max_grad_norm / (norm + 1e-6))`` for the L2 norm of every group's (unscaled) grads, as
+        torch.nn.utils.clip_grad_norm_ computes it, as a one-element fp32 tensor that the update kernels
+        multiply each grad by: no host sync, and the grads are not written. None without grads."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            self.grad_norm = None
+            return None
+        if any(type(g) not in PLAIN_TENSOR_TYPES and _is_dtensor(g) for g in grads):
+            # A sharded grad's norm needs its shards' collective reduction: torch's clipping knows how,
+            # the fused update does not.
+            raise NotImplementedError(
+                "max_grad_norm does not support DTensor grads (e.g. FSDP2's shards); leave max_grad_norm=None"
+                " and call torch.nn.utils.clip_grad_norm_(params, max_norm) before step() instead"
+            )
+        # torch's own norm (one multi-tensor reduction per device and dtype): the same number clip_grad_norm_
+        # computes, on the first grad's device.
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(norm.device)  # GradScaler's scale is a power of two: exact
+        self.grad_norm = norm
+        return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).float()
 
     def _update_all(
         self,
@@ -346,12 +399,20 @@ class FusedStep:
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
         seed: int | None,
+        grad_clip: Tensor | None = None,
     ) -> None:
+        clips = {}  # grad_clip on each batch's device, moved once per device
         for group, plan in zip(self.param_groups, plans, strict=True):
             planned = bool(plan) and isinstance(plan[0], _Bucket)
             batches = [b for bucket in plan for b in self._batches(group, bucket)] if planned else plan
             for batch in batches:
-                self._launch(group, batch, grad_scale, found_inf, seed)
+                clip = None
+                if grad_clip is not None:
+                    device = batch.params[0].device
+                    clip = clips.get(device)
+                    if clip is None:
+                        clip = clips[device] = grad_clip.to(device)
+                self._launch(group, batch, grad_scale, found_inf, seed, clip)
             if planned and cache is not None:
                 cache.keep(group, self._state_keys(group), self.state, batches)
 

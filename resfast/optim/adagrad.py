@@ -39,13 +39,14 @@ class Adagrad(FusedStep, torch.optim.Adagrad):
         backend: str = "auto",
         master_weights: bool = False,
         bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, lr_decay, weight_decay, initial_accumulator_value, eps, foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding, max_grad_norm)
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         # torch reads the accumulator's start from the constructor's defaults, not the group.

@@ -59,6 +59,7 @@ class Adam(_AdamStep, torch.optim.Adam):
         backend: str = "auto",
         master_weights: bool = False,
         bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
@@ -66,7 +67,7 @@ class Adam(_AdamStep, torch.optim.Adam):
             foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
             fused=fused, decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
-        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding, max_grad_norm)
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
@@ -89,6 +90,7 @@ class AdamW(_AdamStep, torch.optim.AdamW):
         backend: str = "auto",
         master_weights: bool = False,
         bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
@@ -96,4 +98,4 @@ class AdamW(_AdamStep, torch.optim.AdamW):
             maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
             fused=fused,
         )  # fmt: skip
-        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding, max_grad_norm)

@@ -79,7 +79,8 @@ class LARS(FusedStep, torch.optim.Optimizer):
     groups. ``maximize`` negates the grad first. GradScaler's scale is removed before the norms are
     taken, and a step it skips changes no param or buffer. ``backend``: ``"auto"``, ``"triton"`` or
     ``"reference"`` (the native ``"cpu"``/``"cuda"`` backends have no LARS kernels yet). The step never
-    synchronises with the host on the Triton backend.
+    synchronises with the host on the Triton backend. ``max_grad_norm``: clipping inside the step, as
+    for :class:`resfast.optim.SGD`.
     """
 
     _spec = SPECS["lars"]
@@ -97,6 +98,7 @@ class LARS(FusedStep, torch.optim.Optimizer):
         *,
         maximize: bool = False,
         backend: str = "auto",
+        max_grad_norm: float | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -116,7 +118,7 @@ class LARS(FusedStep, torch.optim.Optimizer):
                 f"LARS); choose one of {', '.join(('auto', *backends.LARS_BACKENDS))}"
             )
         super().__init__(params, defaults)
-        self._init_backend(backend)
+        self._init_backend(backend, max_grad_norm=max_grad_norm)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Every group is checked with the defaults it will inherit, before torch adds it.

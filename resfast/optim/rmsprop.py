@@ -41,13 +41,14 @@ class RMSprop(FusedStep, torch.optim.RMSprop):
         backend: str = "auto",
         master_weights: bool = False,
         bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, alpha, eps, weight_decay, momentum, centered, capturable, foreach, maximize,
             differentiable,
         )  # fmt: skip
-        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding, max_grad_norm)
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)

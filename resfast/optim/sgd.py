@@ -19,6 +19,11 @@ class SGD(FusedStep, torch.optim.SGD):
     Arguments, defaults, errors and state (``momentum_buffer``) are torch's. ``foreach`` and ``fused``
     are accepted and recorded as torch records them (resfast always fuses). ``backend`` picks the
     kernels: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    ``max_grad_norm`` (every resfast optimizer has it): clip inside the step, the same update as
+    ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` then ``step()``, without writing the grads
+    or a host sync. The norm is over all groups' grads (unscaled under GradScaler); ``grad_norm`` holds
+    the last step's, a device tensor.
     """
 
     _spec = SPECS["sgd"]
@@ -39,13 +44,14 @@ class SGD(FusedStep, torch.optim.SGD):
         backend: str = "auto",
         master_weights: bool = False,
         bf16_stochastic_rounding: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         reject_differentiable(differentiable)
         super().__init__(
             params, lr, momentum, dampening, weight_decay, nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )  # fmt: skip
-        self._init_backend(backend, master_weights, bf16_stochastic_rounding)
+        self._init_backend(backend, master_weights, bf16_stochastic_rounding, max_grad_norm)
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         # Filled with the first gradient by the kernel (the `fresh` flag), as torch clones it: so a
