@@ -27,11 +27,11 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def _docs_loop(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[int]:
+def _docs_loop(optimizer: torch.optim.Optimizer, model: nn.Module, compile: bool = True) -> list[int]:
     """The loop of docs/stack.md on the CPU; dynamo's count of compiled frames after each step."""
     from torch._dynamo.utils import counters
 
-    compiled_step = torch.compile(optimizer.step, backend="eager")
+    compiled_step = torch.compile(optimizer.step, backend="eager") if compile else optimizer.step
     gen = torch.Generator().manual_seed(0)
     frames = []
     for i in range(STEPS):
@@ -109,3 +109,25 @@ def test_compiled_step_on_other_backends_is_quiet(backend):
     frames, noise = _quiet_run(_resfast("SGD", backend))
     assert noise == []
     assert frames[1] == frames[-1], frames
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_compiled_step_with_clipping_is_quiet_and_matches_eager(name):
+    """max_grad_norm's norm (torch's get_total_norm) and clip factor trace with the step: the same
+    compile counts, and the params of the eager loop."""
+    _skip_unless_available("cpu")
+
+    def make(model):
+        return getattr(resfast.optim, name)(model.parameters(), lr=torch.tensor(0.1), max_grad_norm=0.05)
+
+    frames, noise = _quiet_run(make)
+    assert noise == []
+    assert frames[-1] <= 2, frames
+    eager_model, compiled_model = _model(), _model()
+    eager, compiled = make(eager_model), make(compiled_model)
+    torch._dynamo.reset()
+    _docs_loop(compiled, compiled_model)
+    _docs_loop(eager, eager_model, compile=False)
+    assert compiled.grad_norm is not None and compiled.grad_norm > 0.05  # the runs clipped
+    for a, b in zip(compiled_model.parameters(), eager_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -120,10 +120,17 @@ class FusedStep:
         self.master_weights = bool(master_weights)
         self.bf16_stochastic_rounding = bool(bf16_stochastic_rounding)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        # The last step's total grad norm (unscaled), a device tensor: set by steps that clip.
-        self.grad_norm: Tensor | None = None
+        # What the last step measured (see grad_norm). A dict, mutated in place: torch.compile replays
+        # a traced step's dict writes, while it drops attribute assignments on an optimizer.
+        self._measured: dict[str, Tensor | None] = {"grad_norm": None}
         # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
         self._step_supports_amp_scaling = True
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """The total L2 norm of the grads at the last step that clipped (max_grad_norm), unscaled under
+        GradScaler: a device tensor, read without a host sync. None before such a step with grads."""
+        return self._measured["grad_norm"]
 
     def _options(self) -> dict[str, Any]:
         return {
@@ -375,7 +382,7 @@ class FusedStep:
         multiply each grad by: no host sync, and the grads are not written. None without grads."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
-            self.grad_norm = None
+            self._measured["grad_norm"] = None
             return None
         if any(type(g) not in PLAIN_TENSOR_TYPES and _is_dtensor(g) for g in grads):
             # A sharded grad's norm needs its shards' collective reduction: torch's clipping knows how,
@@ -389,7 +396,7 @@ class FusedStep:
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device)  # GradScaler's scale is a power of two: exact
-        self.grad_norm = norm
+        self._measured["grad_norm"] = norm
         return (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).float()
 
     def _update_all(
