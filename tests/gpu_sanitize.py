@@ -1,7 +1,8 @@
 """A short workload for compute-sanitizer memcheck on a GPU machine (`benchmarks/gpu_check.sh`, step
 `sanitize`): every optimizer case on the `cuda` and `triton` backends over odd sizes, an empty tensor,
-misaligned views and ResNet-50's 161 tensors, a GradScaler step with an inf, and the Triton BN on a
-few shapes, forward and backward. The sanitizer finds out-of-bounds and misaligned accesses; this
+misaligned views and ResNet-50's 161 tensors, a GradScaler step with an inf, LARS (norm pass and update)
+and max_grad_norm's clipping on every backend that has them, and the Triton BN on a few shapes, forward
+and backward. The sanitizer finds out-of-bounds and misaligned accesses; this
 script also compares every result with the reference backend, so that a kernel that reads the wrong
 memory without leaving its buffers fails here too.
 
@@ -21,6 +22,7 @@ import torch
 import torchvision
 
 import resfast.optim
+from resfast import backends
 from resfast.nn.functional import batch_norm_add_relu
 from tests.optim_cases import CASES, OPTIMIZERS, case_id
 
@@ -47,7 +49,11 @@ def resnet50_params(dtype: torch.dtype) -> list[torch.Tensor]:
 
 def run_steps(name: str, kwargs: dict, backend: str, params: list[torch.Tensor]) -> list[torch.Tensor]:
     params = [p.clone() for p in params]
-    opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
+    if name == "LARS":  # mixed groups: the norm pass runs for the adapted half only
+        groups = [{"params": params[::2]}, {"params": params[1::2], "lars_adaptation": False}]
+        opt = resfast.optim.LARS(groups, backend=backend, **kwargs)
+    else:
+        opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     for _ in range(3):
         for p in params:
@@ -65,7 +71,10 @@ def worst_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return worst
 
 
-def compare_backends(cases: list[tuple[str, dict]], initial: list[torch.Tensor], label: str) -> list[str]:
+def compare_backends(
+    cases: list[tuple[str, dict]], initial: list[torch.Tensor], label: str, on: tuple[str, ...] | None = None
+) -> list[str]:
+    """Each case on the backends `on` (default: BACKENDS) against the reference."""
     failures = []
     tol = TOLERANCE[initial[0].dtype]
     for name, kwargs in cases:
@@ -73,7 +82,7 @@ def compare_backends(cases: list[tuple[str, dict]], initial: list[torch.Tensor],
             skipped.append(f"{case_id((name, kwargs))} {label}")
             continue
         want = run_steps(name, kwargs, "reference", initial)
-        for backend in BACKENDS:
+        for backend in BACKENDS if on is None else on:
             err = worst_error(run_steps(name, kwargs, backend, initial), want)
             if err > tol:
                 failures.append(f"{case_id((name, kwargs))} {backend} {label}: error {err:.3g}")
@@ -87,6 +96,30 @@ def check_optimizers() -> list[str]:
     # ResNet-50's 161 tensors (25.6M elements: slow under memcheck): each optimizer's first case, fp32.
     first_cases = [next(case for case in CASES if case[0] == name) for name in OPTIMIZERS]
     return failures + compare_backends(first_cases, resnet50_params(torch.float32), "fp32 resnet50")
+
+
+# LARS with and without weight decay / Nesterov; clipping (3.0 clips these grads, norm ~ 260) on an
+# update of each kind of maths.
+LARS_CASES = [
+    ("LARS", {"lr": 0.5, "weight_decay": 0.01, "nesterov": True}),
+    ("LARS", {"lr": 0.5, "momentum": 0.0, "trust_coefficient": 0.02}),
+]
+CLIP_CASES = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9, "max_grad_norm": 3.0}),
+    ("Adam", {"amsgrad": True, "max_grad_norm": 3.0}),
+    ("LARS", {"lr": 0.5, "weight_decay": 0.01, "max_grad_norm": 3.0}),
+]
+
+
+def check_lars_and_clipping() -> list[str]:
+    lars = tuple(b for b in BACKENDS if b in backends.LARS_BACKENDS)
+    failures = []
+    for dtype in TOLERANCE:
+        initial = odd_params(dtype)
+        failures += compare_backends(LARS_CASES, initial, f"{dtype} odd sizes", lars)
+        failures += compare_backends(CLIP_CASES[:2], initial, f"{dtype} odd sizes")
+        failures += compare_backends(CLIP_CASES[2:], initial, f"{dtype} odd sizes", lars)
+    return failures
 
 
 def check_grad_scaler_inf() -> list[str]:
@@ -156,7 +189,7 @@ def main(seconds: float | None = None) -> int:
     if seconds is not None:
         DEADLINE = start + seconds
     failures = []
-    for check in (check_optimizers, check_grad_scaler_inf, check_bn):
+    for check in (check_optimizers, check_lars_and_clipping, check_grad_scaler_inf, check_bn):
         found = check()
         verdict = "ok" if not found else f"{len(found)} failures"
         print(f"{check.__name__}: {verdict} at {time.monotonic() - start:.0f} s", flush=True)
