@@ -7,7 +7,9 @@ Kernel launches and their summed device time come from torch.profiler (every dev
 memcpy/memset of the profiled steps, divided by the step count); wall time is the median of timed
 batches of back-to-back steps, each batch ended by a device synchronisation. Every path starts from
 the same params and grads; before timing, each path's first step is compared with torch's for-loop
-step (float64 reference not needed: the same fp32 update, bounded at 1e-5 of the magnitude).
+step (float64 reference not needed: the same fp32 update, bounded at 1e-5 of the magnitude). LARS,
+which torch lacks, is compared with resfast's reference backend; "Adam+clip" is torch's
+clip_grad_norm_ then the step, against resfast's max_grad_norm.
 """
 
 from __future__ import annotations
@@ -35,7 +37,47 @@ OPTIMIZERS = {
     "Adagrad": {"lr": 1e-2},
     "Adam": {"lr": 1e-3},
     "AdamW": {"lr": 1e-3, "weight_decay": 1e-2},
+    "LARS": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+    "Adam+clip": {"lr": 1e-3},
 }
+# The rows that clip the grads to this global norm (ResNet-50's random grads have a norm of ~5000).
+CLIP = {"Adam+clip": 1.0}
+
+
+def _class(name: str) -> str:
+    return name.split("+")[0]
+
+
+class ClipThenStep:
+    """torch's way to clip: clip_grad_norm_ rewrites the grads, then the optimizer steps."""
+
+    def __init__(
+        self, opt: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float, foreach: bool
+    ) -> None:
+        self.opt, self.params, self.max_norm, self.foreach = opt, params, max_norm, foreach
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=self.foreach)
+        self.opt.step()
+
+
+def torch_path(name: str, **flags) -> Callable:
+    """A factory of torch's optimizer `name` (with clip_grad_norm_ first where the row clips)."""
+
+    def make(ps: list[torch.Tensor]):
+        opt = getattr(torch.optim, _class(name))(ps, **OPTIMIZERS[name], **flags)
+        if name not in CLIP:
+            return opt
+        return ClipThenStep(opt, ps, CLIP[name], foreach=flags.get("foreach", True))
+
+    return make
+
+
+def resfast_path(name: str, backend: str) -> Callable:
+    clip = {"max_grad_norm": CLIP[name]} if name in CLIP else {}
+    return lambda ps: getattr(resfast.optim, _class(name))(ps, backend=backend, **OPTIMIZERS[name], **clip)
+
+
 # torch paths per optimizer (torch has no fused RMSprop; a path torch refuses on a device is reported as
 # unsupported).
 TORCH_FLAGS = {"torch-fused": {"fused": True}, "torch-foreach": {"foreach": True}}
@@ -51,21 +93,26 @@ def make_params(device: torch.device) -> list[torch.Tensor]:
 
 
 def builders(name: str, device: torch.device) -> dict[str, Callable]:
-    kwargs = OPTIMIZERS[name]
     paths: dict[str, Callable] = {}
     for path, flags in TORCH_FLAGS.items():
-        if name == "RMSprop" and "fused" in flags:
+        if name == "LARS" or (name == "RMSprop" and "fused" in flags):  # torch has no such step
             continue
-        paths[path] = lambda ps, flags=flags: getattr(torch.optim, name)(ps, **kwargs, **flags)
+        paths[path] = torch_path(name, **flags)
+    implemented = backends.LARS_BACKENDS if name == "LARS" else backends.BACKENDS[1:]
     for backend in ("cuda", "triton", "cpu"):
         try:
-            backends.choose(device, torch.float32, backend)
+            backends.choose(device, torch.float32, backend, implemented=implemented, op=name)
         except backends.BackendUnavailable:
             continue
-        paths[f"resfast-{backend}"] = lambda ps, b=backend: getattr(resfast.optim, name)(
-            ps, backend=b, **kwargs
-        )
+        paths[f"resfast-{backend}"] = resfast_path(name, backend)
     return paths
+
+
+def reference(name: str) -> Callable:
+    """What a path's first step is compared with: torch's for-loop step, or LARS's reference backend."""
+    if name == "LARS":
+        return resfast_path(name, "reference")
+    return torch_path(name, foreach=False)
 
 
 def sync(device: torch.device) -> None:
@@ -120,11 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     rows = []
     for name in args.optimizer.split(","):
-        reference = lambda ps, name=name: getattr(torch.optim, name)(ps, foreach=False, **OPTIMIZERS[name])  # noqa: E731
         for path, make in builders(name, device).items():
             row = {"optimizer": name, "path": path}
             try:
-                row["error"] = err = first_step_error(make, reference, device)
+                row["error"] = err = first_step_error(make, reference(name), device)
             except RuntimeError as e:  # a path this torch lacks here (fused Adagrad on CUDA, say)
                 row |= {"status": "unsupported", "why": str(e).split("\n")[0][:100]}
                 rows.append(row)
