@@ -36,10 +36,25 @@ def _main(argv: list[str], capsys) -> tuple[int, str]:
         (["--lr-schedule", "step", "--lr-args", '{"evry": 1}'], "unexpected keyword argument 'evry'"),
         (["--batch-schedule", "linear", "--batch-args", '{"end": 0}'], "end must be an int >= 1"),
         (["--backend", "cuda"], "--backend: backend 'cuda' cannot run"),
+        (["--optimizer", "lars", "--backend", "cpu"], "--backend: backend 'cpu' cannot run"),
+        (
+            ["--optimizer", "lars", "--optimizer-args", '{"trust_coefficient": -1}'],
+            "'trust_coefficient': -1, 'backend': 'auto'}: Invalid trust_coefficient value: -1",
+        ),
         (["--dataset", "cifar10", "--data-dir", "{tmp}"], "missing: data_batch_1, "),
         (["--resume"], "--resume: no checkpoint at"),
     ],
-    ids=["optimizer-keyword", "optimizer-value", "lr-args", "batch-args", "backend", "data", "checkpoint"],
+    ids=[
+        "optimizer-keyword",
+        "optimizer-value",
+        "lr-args",
+        "batch-args",
+        "backend",
+        "lars-backend",
+        "lars-args",
+        "data",
+        "checkpoint",
+    ],
 )
 def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -43,7 +43,10 @@ def test_toml_then_flags(tmp_path):
     [
         ("learning_rate = 0.1", "unknown setting 'learning_rate'; settings are dataset, "),
         ('epochs = "ten"', "epochs must be int, got 'ten'"),
-        ('optimizer = "lamb"', "optimizer must be one of sgd, rmsprop, adagrad, adam, adamw; got 'lamb'"),
+        (
+            'optimizer = "lamb"',
+            "optimizer must be one of sgd, rmsprop, adagrad, adam, adamw, lars; got 'lamb'",
+        ),
         ("epochs = [", "is not valid TOML"),
     ],
 )
@@ -62,6 +65,10 @@ def test_bad_toml_is_explained(tmp_path, capsys, toml, message):
         (["--lr-args", "every=3"], "expected a JSON object"),
         (["--dataset", "cifar10"], "--dataset cifar10 needs --data-dir"),
         (["--impl", "torch", "--fuse-bn", "on"], "--fuse-bn on needs --impl resfast"),
+        (
+            ["--optimizer", "lars", "--impl", "torch"],
+            "--optimizer lars needs --impl resfast: torch.optim has no LARS",
+        ),
         (["--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
     ],
 )
@@ -217,12 +224,14 @@ def test_batch_ceiling_follows_the_batch_size(schedule):
         assert plan.batch_size_at(1600) == 8 * 512
 
 
-@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adagrad", "adam", "adamw"])
+@pytest.mark.parametrize("name", list(OPTIMIZER_DEFAULTS))
 def test_each_optimizer_has_its_own_default_lr(name, recwarn):
     opt = build.make_optimizer(Config(optimizer=name), torch.nn.Linear(2, 2))
     assert opt.defaults["lr"] == OPTIMIZER_DEFAULTS[name]["lr"] == Config(optimizer=name).resolved().lr
-    if name != "sgd":
+    if name in ("rmsprop", "adagrad", "adam", "adamw"):
         assert opt.defaults["lr"] <= 0.1  # adaptive steps: at SGD's 0.2, rmsprop reached 12.8%
+    if name == "lars":
+        assert opt.defaults["lr"] >= 1  # times a trust ratio of ~0.001 * ||w|| / ||g||
     assert opt.defaults.get("momentum", 0.0) == OPTIMIZER_DEFAULTS[name].get("momentum", 0.0)
     assert not recwarn.list  # defaults warn about nothing
     assert build.make_optimizer(Config(optimizer=name, lr=0.5), torch.nn.Linear(2, 2)).defaults["lr"] == 0.5
@@ -241,8 +250,13 @@ def test_help_shows_the_per_optimizer_defaults(capsys):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert (
-        "sgd 0.2, rmsprop 0.003, adagrad 0.1, adam 0.01, adamw 0.01" in text
-        and "momentum, for sgd and rmsprop only" in text
+        "sgd 0.2, rmsprop 0.003, adagrad 0.1, adam 0.01, adamw 0.01, "
+        f"lars {OPTIMIZER_DEFAULTS['lars']['lr']:g})"
+        in text
+        and "momentum, for sgd, rmsprop and lars only" in text
+        and "Nesterov momentum, for sgd and lars only (default: on when momentum > 0 for sgd; off for lars"
+        in text
+        and "(default: cosine; polynomial for lars)" in text
     )
 
 
@@ -273,3 +287,82 @@ def test_bn_backend_offers_only_backends_with_bn_kernels(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--bn-backend", "cuda"])
     assert "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+def _bn_net() -> torch.nn.Module:
+    """Convolution (no bias), BatchNorm, linear (with bias): the three kinds of param LARS tells apart."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    )
+
+
+def test_lars_resolves_to_mlperfs_recipe(recwarn):
+    cfg = Config(optimizer="lars").resolved()
+    assert (cfg.lr, cfg.momentum, cfg.nesterov) == (OPTIMIZER_DEFAULTS["lars"]["lr"], 0.9, False)
+    assert (cfg.lr_schedule, cfg.warmup_epochs) == ("polynomial", 2.0)
+    assert not recwarn.list  # momentum and nesterov are LARS's own options: nothing is ignored
+    plan = _plan(optimizer="lars", warmup_epochs=0)
+    assert isinstance(plan.lr_schedule, schedules.Polynomial) and plan.lr_schedule.power == 2
+    lr, run = OPTIMIZER_DEFAULTS["lars"]["lr"], 16 * 100
+    assert [plan.lr_at(t) for t in (0, run / 2, run)] == pytest.approx([lr, lr / 4, 0.0])  # (1 - t/T)^2
+    # The warmup wraps it as every other schedule: 0.1 of the LR at the start, linear over 2 epochs.
+    warm = _plan(optimizer="lars")
+    assert isinstance(warm.lr_schedule, schedules.Warmup) and warm.lr_schedule.samples == 200
+    assert warm.lr_at(0) == pytest.approx(0.1 * lr)
+    # The power belongs to LARS's schedule whether named or defaulted, and to no other optimizer's;
+    # --lr-args overrides it, and another schedule replaces the whole default.
+    assert _plan(optimizer="lars", lr_schedule="polynomial").lr_schedule.schedule.power == 2
+    assert _plan(optimizer="sgd", lr_schedule="polynomial").lr_schedule.schedule.power == 1
+    assert _plan(optimizer="lars", lr_args={"power": 1}).lr_schedule.schedule.power == 1
+    assert isinstance(_plan(optimizer="lars", lr_schedule="cosine").lr_schedule.schedule, schedules.Cosine)
+    assert isinstance(_plan().lr_schedule.schedule, schedules.Cosine)  # sgd keeps the cosine
+    # --nesterov applies to LARS, and is on by default only for SGD.
+    assert Config(optimizer="lars", nesterov=True).resolved().nesterov is True
+    assert Config(optimizer="lars", momentum=0.0).resolved().nesterov is False
+    assert Config(optimizer="sgd", momentum=0.0).resolved().nesterov is False
+
+
+def test_lars_gets_mlperfs_param_groups():
+    model = _bn_net()
+    conv, bn, linear = model[0], model[1], model[3]
+    cfg = Config(
+        optimizer="lars",
+        weight_decay=0.01,
+        momentum=0.8,
+        nesterov=True,
+        optimizer_args={"trust_coefficient": 0.002, "eps": 1e-9},
+    )
+    opt = build.make_optimizer(cfg, model)
+    assert type(opt) is resfast.optim.LARS
+    adapted, plain = opt.param_groups
+    # Convolution and linear weights adapted and decayed; BatchNorm's weight and bias, and the linear
+    # bias, neither.
+    assert [id(p) for p in adapted["params"]] == [id(conv.weight), id(linear.weight)]
+    assert (adapted["weight_decay"], adapted["lars_adaptation"]) == (0.01, True)
+    assert {id(p) for p in plain["params"]} == {id(bn.weight), id(bn.bias), id(linear.bias)}
+    assert (plain["weight_decay"], plain["lars_adaptation"]) == (0.0, False)
+    for group in opt.param_groups:
+        assert (group["momentum"], group["nesterov"]) == (0.8, True)
+        assert (group["trust_coefficient"], group["eps"]) == (0.002, 1e-9)
+    # The plan drives both groups' LR (the same: the groups carry no LR of their own).
+    plan = build.make_plan(cfg, opt, epoch=100)
+    assert [g["lr"] for g in opt.param_groups] == [plan.lr_at(0)] * 2
+    # --optimizer-args' weight_decay replaces --weight-decay, as for the other optimizers; still only
+    # where MLPerf decays.
+    groups = build.make_optimizer(Config(optimizer="lars", optimizer_args={"weight_decay": 0.1}), model)
+    assert [g["weight_decay"] for g in groups.param_groups] == [0.1, 0.0]
+
+
+def test_lars_backend_must_have_lars_kernels():
+    cpu = torch.device("cpu")
+    # auto: the plain-PyTorch reference on the CPU, where SGD gets the native kernels when built.
+    assert build.optimizer_backend(Config(optimizer="lars"), cpu) == "reference"
+    with pytest.raises(SettingError, match=r"--backend: backend 'cpu' cannot run .* it has no LARS kernels"):
+        build.optimizer_backend(Config(optimizer="lars", backend="cpu"), cpu)
+    with pytest.raises(SettingError, match=r"--optimizer lars .*'trust_coefficient': 0.*Invalid trust_coeff"):
+        build.make_optimizer(Config(optimizer="lars", optimizer_args={"trust_coefficient": 0}), _bn_net())
+    with pytest.raises(ValueError, match=r"torch\.optim has no LARS"):
+        Config(optimizer="lars", impl="torch")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from resfast import backends
-from resfast.train import Config, run
+from resfast.train import Config, checkpoint, run
+from resfast.train.config import OPTIMIZER_DEFAULTS
 
 # A tiny run (~1 s on one core): 256 digits, ResNet-8, batch 32 doubling each epoch.
 TINY = dict(
@@ -87,6 +88,62 @@ def test_short_digits_run_reaches_95_percent(tmp_path, capsys):
         auto,
         "cpu",
     )
+
+
+def test_short_lars_run_learns(tmp_path):
+    # LARS with its defaults (MLPerf's groups, momentum, warmup + polynomial decay) on the whole digits
+    # training set, 6 epochs of ResNet-8 (~2 s): 94.7-97.2% over seeds 0-3 when measured (84.7-93.6%
+    # after 4 epochs, where SGD reaches 96.4-97.5%).
+    summary = run(Config(out=str(tmp_path), optimizer="lars", **(TINY | dict(train_samples=0, epochs=6))))
+    assert summary["test_acc"] >= 0.92
+    # auto picks the reference on the CPU: the native kernels have no LARS.
+    assert (summary["optimizer"], summary["impl"], summary["backend"]) == ("lars", "resfast", "reference")
+    assert summary["config"]["lr_schedule"] == "polynomial" and summary["config"]["nesterov"] is False
+    # After the half-epoch warmup, each step's LR is the power-2 decay over the whole run.
+    lr, run_samples = OPTIMIZER_DEFAULTS["lars"]["lr"], 6 * 1437
+    trace = _checkpoint(tmp_path)["progress"]["trace"]
+    late = [(t, step_lr) for t, step_lr, _ in trace if t >= 1437 / 2]
+    assert len(late) > 50
+    assert [step_lr for _, step_lr in late] == pytest.approx(
+        [lr * (1 - t / run_samples) ** 2 for t, _ in late]
+    )
+
+
+class _Stop(Exception):
+    """Ends a run right after a checkpoint, as a kill would."""
+
+
+def test_lars_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    settings = TINY | dict(optimizer="lars", epochs=3)
+    run(Config(out=str(tmp_path / "whole"), **settings))
+    save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise _Stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save", save_then_stop)
+        with pytest.raises(_Stop):
+            run(Config(out=str(tmp_path / "cut"), **settings))
+    assert _checkpoint(tmp_path / "cut")["progress"]["epoch"] == 1
+    run(Config(out=str(tmp_path / "cut"), resume=True, **settings))
+    a, b = _checkpoint(tmp_path / "whole"), _checkpoint(tmp_path / "cut")
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+
+    # The resumed optimizer kept MLPerf's two groups (and the plan's LR) through the checkpoint.
+    def groups(ckpt):
+        return [(g["weight_decay"], g["lars_adaptation"], g["lr"]) for g in ckpt["optimizer"]["param_groups"]]
+
+    assert groups(a) == groups(b)
+    assert [g[:2] for g in groups(b)] == [(5e-4, True), (0.0, False)]
+    assert [r["train_loss"] for r in a["progress"]["history"]] == [
+        r["train_loss"] for r in b["progress"]["history"]
+    ]
 
 
 def test_impl_torch_and_resfast_reference_give_the_same_trajectory(tmp_path):

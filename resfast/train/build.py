@@ -17,7 +17,14 @@ from resfast.train.errors import SettingError
 
 __all__ = ["bn_backend", "make_model", "make_optimizer", "make_plan", "optimizer_backend", "uses_fused_bn"]
 
-_OPTIMIZERS = {"sgd": "SGD", "rmsprop": "RMSprop", "adagrad": "Adagrad", "adam": "Adam", "adamw": "AdamW"}
+_OPTIMIZERS = {
+    "sgd": "SGD",
+    "rmsprop": "RMSprop",
+    "adagrad": "Adagrad",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "lars": "LARS",  # resfast's only: Config refuses it with --impl torch
+}
 _LR_SCHEDULES: dict[str, type[schedules.LRSchedule]] = {
     "constant": schedules.Constant,
     "step": schedules.Step,
@@ -77,9 +84,14 @@ def _choose(device: torch.device, requested: str, setting: str, **kwargs: Any) -
 def optimizer_backend(cfg: Config, device: torch.device) -> str | None:
     """The resfast backend the optimizer runs on fp32 params of ``device`` (None for --impl torch).
 
-    Asking here, before training, turns an unavailable ``--backend`` into an error that says why.
+    Asking here, before training, turns an unavailable ``--backend`` (or one without LARS kernels, for
+    --optimizer lars) into an error that says why.
     """
-    return None if cfg.impl == "torch" else _choose(device, cfg.backend, "--backend")
+    if cfg.impl == "torch":
+        return None
+    if cfg.optimizer == "lars":
+        return _choose(device, cfg.backend, "--backend", implemented=backends.LARS_BACKENDS, op="LARS")
+    return _choose(device, cfg.backend, "--backend")
 
 
 def bn_backend(cfg: Config, device: torch.device) -> str | None:
@@ -92,7 +104,11 @@ def bn_backend(cfg: Config, device: torch.device) -> str | None:
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """``cfg``'s optimizer over ``model``'s parameters; a setting it rejects raises SettingError."""
+    """``cfg``'s optimizer over ``model``'s parameters; a setting it rejects raises SettingError.
+
+    LARS gets MLPerf's param groups (``resfast.optim.lars_param_groups``), which carry the weight decay:
+    convolution and linear weights adapted and decayed, BatchNorm params and biases neither.
+    """
     cfg = cfg.resolved()
     module: Any = resfast.optim if cfg.impl == "resfast" else torch.optim
     cls = getattr(module, _OPTIMIZERS[cfg.optimizer])
@@ -104,6 +120,11 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.impl == "resfast":
         kwargs["backend"] = cfg.backend
     try:
+        if cls is resfast.optim.LARS:
+            # The groups set each param's decay: given to the constructor as well, it would only be a
+            # default that no group uses.
+            rest = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+            return cls(resfast.optim.lars_param_groups(model, kwargs["weight_decay"]), **rest)
         return cls(model.parameters(), **kwargs)
     except (TypeError, ValueError) as e:  # an unknown keyword, or a value the optimizer rejects
         raise SettingError(f"--optimizer {cfg.optimizer} (with --optimizer-args) {kwargs}: {e}") from None
@@ -141,7 +162,7 @@ def make_plan(cfg: Config, optimizer: torch.optim.Optimizer, epoch: int) -> sche
     run = cfg.epochs * epoch
     lr_cls = _LR_SCHEDULES[cfg.lr_schedule]
     first_param = next(iter(inspect.signature(lr_cls).parameters))  # base, value or max_lr
-    lr_args = lr_args_defaults(cfg.lr_schedule, cfg.lr) | cfg.lr_args
+    lr_args = lr_args_defaults(cfg.lr_schedule, cfg.lr, cfg.optimizer) | cfg.lr_args
     main = _build("--lr-schedule", lr_cls, {first_param: cfg.lr}, lr_args, run, epoch)
     args = batch_args_defaults(cfg.batch_schedule, cfg.batch_size) | cfg.batch_args
     batch_cls = _BATCH_SCHEDULES[cfg.batch_schedule]

@@ -61,23 +61,50 @@ LR_ARGS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # The ceiling of the growing batch schedules, in multiples of --batch-size: the default run's 32 -> 256.
 BATCH_GROWTH = 8
-# Per optimizer: the peak LR and, for those with momentum, the momentum. The LRs were measured on
-# the default digits run (docs/train.md); adaptive methods take far smaller steps than SGD.
-OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
-    "sgd": {"lr": 0.2, "momentum": 0.9},
+# Per optimizer: the peak LR; for those with momentum, the momentum; for those with Nesterov momentum,
+# whether it is on (when momentum > 0); and the LR schedule (with arguments merged under --lr-args)
+# where it is not DEFAULT_LR_SCHEDULE. The LRs were measured on the default digits run
+# (docs/train.md); adaptive methods take far smaller steps than SGD, and LARS's LR multiplies a trust
+# ratio of ~trust_coefficient (0.001) times ||w|| / ||g||, so it is far larger. LARS follows MLPerf's
+# ResNet recipe: plain momentum, a linear warmup and a polynomial decay of power 2.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.2, "momentum": 0.9, "nesterov": True},
     "rmsprop": {"lr": 0.003, "momentum": 0.9},
     "adagrad": {"lr": 0.1},
     "adam": {"lr": 0.01},
     "adamw": {"lr": 0.01},
+    "lars": {
+        "lr": 10.0,
+        "momentum": 0.9,
+        "nesterov": False,
+        "lr_schedule": "polynomial",
+        "lr_args": {"power": 2},
+    },
 }
+DEFAULT_LR_SCHEDULE = "cosine"
+_MOMENTUM_OPTIMIZERS = tuple(name for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
+_NESTEROV_OPTIMIZERS = tuple(name for name, d in OPTIMIZER_DEFAULTS.items() if "nesterov" in d)
 WARMUP_EPOCHS = 2.0  # the default warmup, except for onecycle, which rises from its own low start
 
 
-def lr_args_defaults(lr_schedule: str, lr: float) -> dict[str, Any]:
-    """What ``--lr-args`` is merged over for ``lr_schedule`` with peak LR ``lr``."""
+def _listing(names: typing.Iterable[str]) -> str:
+    """``"a, b and c"``."""
+    names = list(names)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def lr_args_defaults(lr_schedule: str, lr: float, optimizer: str) -> dict[str, Any]:
+    """What ``--lr-args`` is merged over for ``lr_schedule`` with peak LR ``lr`` under ``optimizer``.
+
+    An optimizer's own default schedule brings its arguments, named or not: lars's polynomial has power 2.
+    """
     if lr_schedule == "loss_backoff":
         return {"max_lr": lr}  # --lr is the peak: the LR may climb back to it after a backoff, not past it
-    return dict(LR_ARGS_DEFAULTS.get(lr_schedule, {}))
+    args = dict(LR_ARGS_DEFAULTS.get(lr_schedule, {}))
+    own = OPTIMIZER_DEFAULTS[optimizer]
+    if own.get("lr_schedule") == lr_schedule:
+        args |= own.get("lr_args", {})
+    return args
 
 
 def batch_args_defaults(batch_schedule: str, batch_size: int) -> dict[str, Any]:
@@ -99,10 +126,22 @@ def _args_help(what: str, defaults: dict[str, dict[str, Any]], extra: str) -> st
     return f"other arguments of the {what} schedule as JSON, merged over {listed}{extra}"
 
 
+NESTEROV_HELP = (
+    f"Nesterov momentum, for {_listing(_NESTEROV_OPTIMIZERS)} only (default: on when momentum > 0 for "
+    f"{_listing(n for n in _NESTEROV_OPTIMIZERS if OPTIMIZER_DEFAULTS[n]['nesterov'])}; off for "
+    f"{_listing(n for n in _NESTEROV_OPTIMIZERS if not OPTIMIZER_DEFAULTS[n]['nesterov'])}, as in MLPerf's "
+    "LARS)"
+)
 LR_ARGS_HELP = _args_help(
     "LR",
     LR_ARGS_DEFAULTS,
-    '; loss_backoff: {"max_lr": --lr}. Lengths in samples, "<x>ep" for x epochs or "<x>%" of the run, '
+    '; loss_backoff: {"max_lr": --lr}; '
+    + "; ".join(
+        f"{d['lr_schedule']} under --optimizer {name}: {json.dumps(d['lr_args'])}"
+        for name, d in OPTIMIZER_DEFAULTS.items()
+        if "lr_args" in d
+    )
+    + '. Lengths in samples, "<x>ep" for x epochs or "<x>%" of the run, '
     'e.g. \'{"every": "10ep", "gamma": 0.5}\' for step; \'total\' defaults to the whole run',
 )
 BATCH_ARGS_HELP = _args_help(
@@ -164,10 +203,15 @@ class Config:
     channels_last: Annotated[bool, "model and inputs in channels_last memory format"] = False
     compile: Annotated[bool, "torch.compile the model"] = False
     # --- optimizer
-    optimizer: Annotated[Literal["sgd", "rmsprop", "adagrad", "adam", "adamw"], "the update rule"] = "sgd"
+    optimizer: Annotated[
+        Literal[tuple(OPTIMIZER_DEFAULTS)],  # type: ignore[valid-type]
+        "the update rule; lars: resfast.optim.LARS (MLPerf's rule) over lars_param_groups (convolution and "
+        "linear weights adapted and decayed, BatchNorm params and biases neither), --impl resfast only",
+    ] = "sgd"
     impl: Annotated[
         Literal["resfast", "torch"],
-        "resfast: resfast.optim (and fused BN); torch: torch.optim and nn.BatchNorm2d, for comparison",
+        "resfast: resfast.optim (and fused BN); torch: torch.optim and nn.BatchNorm2d, for comparison "
+        "(torch.optim has no LARS)",
     ] = "resfast"
     backend: Annotated[Backend, "resfast.optim kernel backend (see resfast.backends.info())"] = "auto"
     bn_backend: Annotated[
@@ -184,24 +228,32 @@ class Config:
     momentum: Annotated[
         float | None,
         "momentum, for "
-        + " and ".join(name for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
+        + _listing(_MOMENTUM_OPTIMIZERS)
         + " only (default: "
         + ", ".join(f"{name} {d['momentum']:g}" for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
         + ")",
     ] = None
-    nesterov: Annotated[bool | None, "Nesterov momentum, for sgd only (default: on when momentum > 0)"] = None
-    weight_decay: Annotated[float, "L2 penalty (decoupled for adamw), per step"] = 5e-4
+    nesterov: Annotated[bool | None, NESTEROV_HELP] = None
+    weight_decay: Annotated[
+        float, "L2 penalty (decoupled for adamw; lars: of the adapted weights only), per step"
+    ] = 5e-4
     optimizer_args: Annotated[
-        dict[str, Any], "other keyword arguments of the optimizer, as JSON, e.g. '{\"betas\": [0.9, 0.99]}'"
+        dict[str, Any],
+        "other keyword arguments of the optimizer, as JSON, e.g. '{\"betas\": [0.9, 0.99]}' for adam, "
+        '\'{"trust_coefficient": 0.002, "eps": 1e-9}\' for lars',
     ] = field(default_factory=dict)
     label_smoothing: Annotated[float, "label smoothing of the cross-entropy loss, in [0, 1)"] = 0.0
     # --- schedules (lengths in samples unless the name says epochs)
     epochs: Annotated[int, "length of the run, epochs (one epoch: every training sample once)"] = 16
     lr_schedule: Annotated[
-        Literal[LR_SCHEDULES],  # type: ignore[valid-type]
+        Literal[LR_SCHEDULES] | None,  # type: ignore[valid-type]
         "LR schedule of resfast.schedules; its first argument is --lr, and its 'total' (when it has "
-        "one) the whole run",
-    ] = "cosine"
+        f"one) the whole run (default: {DEFAULT_LR_SCHEDULE}; "
+        + ", ".join(
+            f"{d['lr_schedule']} for {name}" for name, d in OPTIMIZER_DEFAULTS.items() if "lr_schedule" in d
+        )
+        + ")",
+    ] = None
     lr_args: Annotated[dict[str, Any], LR_ARGS_HELP] = field(default_factory=dict)
     warmup_epochs: Annotated[
         float | None,
@@ -266,11 +318,16 @@ class Config:
             raise ValueError(f"--dataset {self.dataset} needs --data-dir (the folder that holds it)")
         if self.impl == "torch" and self.fuse_bn == "on":
             raise ValueError("--fuse-bn on needs --impl resfast (--impl torch runs plain PyTorch)")
+        if self.impl == "torch" and self.optimizer == "lars":
+            raise ValueError(
+                "--optimizer lars needs --impl resfast: torch.optim has no LARS (resfast.optim.LARS is "
+                "resfast's own)"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one")
         ignored = [
             f"--{name} {getattr(self, name)}"
-            for name, users in (("momentum", _MOMENTUM_OPTIMIZERS), ("nesterov", ("sgd",)))
+            for name, users in (("momentum", _MOMENTUM_OPTIMIZERS), ("nesterov", _NESTEROV_OPTIMIZERS))
             if getattr(self, name) is not None and self.optimizer not in users
         ]
         if ignored:
@@ -282,33 +339,32 @@ class Config:
             )
 
     def resolved(self) -> Config:
-        """These settings with every default that depends on others filled in (LR and momentum per
-        optimizer, warmup per LR schedule), and the options the optimizer ignores cleared: what the
-        run uses, its summary shows and its checkpoint records."""
+        """These settings with every default that depends on others filled in (LR, momentum, Nesterov
+        and LR schedule per optimizer, warmup per LR schedule), and the options the optimizer ignores
+        cleared: what the run uses, its summary shows and its checkpoint records."""
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
         momentum = None
         if "momentum" in defaults:
             momentum = defaults["momentum"] if self.momentum is None else self.momentum
         nesterov = None
-        if self.optimizer == "sgd":
-            nesterov = bool(momentum) if self.nesterov is None else self.nesterov
+        if "nesterov" in defaults:
+            nesterov = (defaults["nesterov"] and bool(momentum)) if self.nesterov is None else self.nesterov
+        lr_schedule = self.lr_schedule or defaults.get("lr_schedule", DEFAULT_LR_SCHEDULE)
         warmup = self.warmup_epochs
         if warmup is None:
-            warmup = 0.0 if self.lr_schedule == "onecycle" else WARMUP_EPOCHS
+            warmup = 0.0 if lr_schedule == "onecycle" else WARMUP_EPOCHS
         return dataclasses.replace(
             self,
             lr=defaults["lr"] if self.lr is None else self.lr,
             momentum=momentum,
             nesterov=nesterov,
+            lr_schedule=lr_schedule,
             warmup_epochs=warmup,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved settings as a dict (checkpoints and the summary record these)."""
         return dataclasses.asdict(self.resolved())
-
-
-_MOMENTUM_OPTIMIZERS = tuple(name for name, d in OPTIMIZER_DEFAULTS.items() if "momentum" in d)
 
 
 def _optional(hint: Any) -> Any:
