@@ -70,6 +70,7 @@ def test_bad_toml_is_explained(tmp_path, capsys, toml, message):
             "--optimizer lars needs --impl resfast: torch.optim has no LARS",
         ),
         (["--config", "/nonexistent.toml"], "config file /nonexistent.toml does not exist"),
+        (["--max-grad-norm", "0"], "max_grad_norm must be a finite number > 0, got 0.0"),
     ],
 )
 def test_bad_flags_are_explained(capsys, argv, message):
@@ -366,3 +367,14 @@ def test_lars_backend_must_have_lars_kernels():
         build.make_optimizer(Config(optimizer="lars", optimizer_args={"trust_coefficient": 0}), _bn_net())
     with pytest.raises(ValueError, match=r"torch\.optim has no LARS"):
         Config(optimizer="lars", impl="torch")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "lars"])
+def test_max_grad_norm_reaches_resfasts_optimizer(name):
+    """resfast's optimizers clip inside their step; torch's have no such option (the loop clips)."""
+    opt = build.make_optimizer(Config(optimizer=name, max_grad_norm=2.5), _bn_net())
+    assert opt.max_grad_norm == 2.5
+    assert build.make_optimizer(Config(optimizer=name), _bn_net()).max_grad_norm is None
+    if name != "lars":
+        torch_opt = build.make_optimizer(Config(optimizer=name, impl="torch", max_grad_norm=2.5), _bn_net())
+        assert not hasattr(torch_opt, "max_grad_norm")

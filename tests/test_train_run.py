@@ -166,6 +166,23 @@ def test_impl_torch_and_resfast_reference_give_the_same_trajectory(tmp_path):
     assert max((c["model"][k].float() - b["model"][k].float()).abs().max().item() for k in b["model"]) > 1e-3
 
 
+def test_max_grad_norm_clips_as_torch_clip_grad_norm_does(tmp_path):
+    """--max-grad-norm: resfast's in-step clipping and --impl torch's clip_grad_norm_ follow one
+    trajectory, and it is not the unclipped one."""
+    weights = {}
+    runs = (("torch", "torch", 0.2), ("resfast", "resfast", 0.2), ("plain", "resfast", None))
+    for name, impl, clip in runs:
+        out = tmp_path / name
+        run(Config(out=str(out), impl=impl, backend="reference", max_grad_norm=clip, **TINY))
+        weights[name] = _checkpoint(out)["model"]
+
+    def diff(a: dict, b: dict) -> float:
+        return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+    assert diff(weights["torch"], weights["resfast"]) < 1e-5  # as in the unclipped comparison above
+    assert diff(weights["plain"], weights["resfast"]) > 1e-3  # the clip took effect
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, finished):
     settings = TINY | dict(epochs=6)  # long enough that the kill lands mid-run
     whole = run(Config(out=str(tmp_path / "whole"), **settings))

@@ -119,6 +119,8 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     kwargs |= cfg.optimizer_args
     if cfg.impl == "resfast":
         kwargs["backend"] = cfg.backend
+        if cfg.max_grad_norm is not None:  # (--impl torch clips in the loop: torch.optim cannot)
+            kwargs["max_grad_norm"] = cfg.max_grad_norm
     try:
         if cls is resfast.optim.LARS:
             # The groups set each param's decay: given to the constructor as well, it would only be a

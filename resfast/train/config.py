@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -242,6 +243,12 @@ class Config:
         "other keyword arguments of the optimizer, as JSON, e.g. '{\"betas\": [0.9, 0.99]}' for adam, "
         '\'{"trust_coefficient": 0.002, "eps": 1e-9}\' for lars',
     ] = field(default_factory=dict)
+    max_grad_norm: Annotated[
+        float | None,
+        "clip the gradients to this global L2 norm every step (resfast: the optimizers' max_grad_norm, "
+        "inside the fused step; --impl torch: torch.nn.utils.clip_grad_norm_ after unscaling); default: "
+        "no clipping",
+    ] = None
     label_smoothing: Annotated[float, "label smoothing of the cross-entropy loss, in [0, 1)"] = 0.0
     # --- schedules (lengths in samples unless the name says epochs)
     epochs: Annotated[int, "length of the run, epochs (one epoch: every training sample once)"] = 16
@@ -310,6 +317,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs is not None and self.warmup_epochs < 0:

@@ -128,6 +128,10 @@ def _train_step(run: Run, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
             else:
                 big = float(_grad_sq_norm(run.model)) * unscale**2
                 noise.estimator.update(small, cut, big, int(global_n))  # type: ignore[union-attr]
+    if run.cfg.max_grad_norm is not None and run.cfg.impl == "torch":
+        # torch's way; resfast's optimizers clip inside their step (max_grad_norm), unscaled there too.
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return loss_sum, correct
