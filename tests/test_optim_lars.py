@@ -516,6 +516,21 @@ def test_native_cpu_runs_one_op_per_bucket(backend, monkeypatch):
     assert sorted(adapted for _, adapted in calls) == [False] * 3 + [True] * 6
 
 
+@pytest.mark.parametrize("backend", NATIVE_CPU)
+def test_native_lars_refuses_the_low_precision_modes(backend):
+    """LARS offers no master weights or stochastic rounding; a direct call of the native update with
+    either is refused, naming the backends that have them, before any tensor changes."""
+    from resfast.kernels import cext
+
+    w, g, v = (torch.full((4,), x, dtype=torch.bfloat16) for x in (1.0, 1.0, 0.0))
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.02, "eps": 0.0,
+               "lars_adaptation": True, "nesterov": False, "maximize": False}  # fmt: skip
+    for extra in ({"master_params": [torch.ones(4)]}, {"stochastic_seed": 1}):
+        with pytest.raises(NotImplementedError, match="triton or reference"):
+            cext.lars([w], [g], [v], **options, **extra)
+    assert torch.equal(w, torch.ones(4, dtype=torch.bfloat16))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("adaptation", [True, False], ids=["adapted", "plain"])
 def test_cuda_launches_per_bucket_without_host_sync(adaptation):
