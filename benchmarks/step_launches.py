@@ -98,10 +98,9 @@ def builders(name: str, device: torch.device) -> dict[str, Callable]:
         if name == "LARS" or (name == "RMSprop" and "fused" in flags):  # torch has no such step
             continue
         paths[path] = torch_path(name, **flags)
-    implemented = backends.LARS_BACKENDS if name == "LARS" else backends.BACKENDS[1:]
     for backend in ("cuda", "triton", "cpu"):
         try:
-            backends.choose(device, torch.float32, backend, implemented=implemented, op=name)
+            backends.choose(device, torch.float32, backend)
         except backends.BackendUnavailable:
             continue
         paths[f"resfast-{backend}"] = resfast_path(name, backend)

@@ -128,4 +128,79 @@ RESFAST_UNROLL
   }
 }
 
+// LARS's norms: the update of a tensor needs its whole param's and grad's sums of squares, so a LARS
+// step is two launches over the same work table. The first (lars_norms_share, one block per chunk)
+// writes each chunk's two sums to its own row of a [n_chunks] array of SumSq (no atomics); the second
+// sums its tensor's rows (lars_parts_share) before updating, in every block of the tensor. Within a
+// block the threads' partial sums are added in one fixed order (block_sum in csrc/cuda/optim.cu, and
+// its host twin in csrc/cpu/cuda_kernel_on_host.cpp), so every block of a tensor derives the same trust
+// ratio, bit for bit, and a run repeats bit for bit. The sums are fp32 (a norm above ~1.8e19 would
+// overflow, far beyond any param or grad), each thread's over a few elements or rows, then a tree.
+struct SumSq {
+  float w, g;  // sum of param², sum of (unscaled) grad²
+  C10_HOST_DEVICE SumSq operator+(const SumSq& o) const { return {w + o.w, g + o.g}; }
+};
+
+// The fixed order in which a block adds its threads' SumSq: within each warp, halving (thread i adds
+// thread i + 16's value, then i + 8's, ..., 1's: what __shfl_down_sync gives), then the same over the
+// kWarps warps' sums (i + 4, i + 2, i + 1). The device (block_sum, csrc/cuda/optim.cu) and its host twin
+// (csrc/cpu/cuda_kernel_on_host.cpp) both follow it.
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kCudaThreads / kWarpSize;
+
+// This thread's sums of squares over its share of chunk `index`: elements thread, thread + n_threads, ...
+// (16-byte vectors of them where param and grad are aligned, then a scalar tail), the grad unscaled as
+// the update unscales it.
+template <typename T>
+C10_HOST_DEVICE inline SumSq lars_norms_share(const int64_t* table, int64_t n_rows, int64_t index,
+                                              const float* grad_scale, int64_t thread, int64_t n_threads) {
+  const ChunkSpan span = locate_chunk<3>(table, n_rows, index, kCudaChunk);
+  const T* w = reinterpret_cast<const T*>(span.row[0]);
+  const T* g = reinterpret_cast<const T*>(span.row[1]);
+  const bool scaled = grad_scale != nullptr;
+  const float scale = scaled ? *grad_scale : 1.f;
+  SumSq sum{0.f, 0.f};
+  constexpr int V = 16 / sizeof(T);
+  int64_t tail = span.begin;
+  if (reinterpret_cast<uintptr_t>(w + span.begin) % 16 == 0 && reinterpret_cast<uintptr_t>(g + span.begin) % 16 == 0) {
+    const int64_t vector_end = span.begin + (span.end - span.begin) / V * V;
+    for (int64_t base = span.begin + thread * V; base < vector_end; base += n_threads * V) {
+      const Vec<T, V> wv = load_global(reinterpret_cast<const Vec<T, V>*>(w + base));
+      const Vec<T, V> gv = load_global(reinterpret_cast<const Vec<T, V>*>(g + base));
+RESFAST_UNROLL
+      for (int lane = 0; lane < V; ++lane) {
+        const float wf = static_cast<float>(wv.v[lane]);
+        const float gf = scaled ? static_cast<float>(gv.v[lane]) / scale : static_cast<float>(gv.v[lane]);
+        sum.w += wf * wf;
+        sum.g += gf * gf;
+      }
+    }
+    tail = vector_end;
+  }
+  for (int64_t i = tail + thread; i < span.end; i += n_threads) {
+    const float wf = static_cast<float>(load_global(w + i));
+    const float gf = scaled ? static_cast<float>(load_global(g + i)) / scale : static_cast<float>(load_global(g + i));
+    sum.w += wf * wf;
+    sum.g += gf * gf;
+  }
+  return sum;
+}
+
+// The rows of the norm pass's output that hold the chunks of the tensor in `row` of the work table.
+struct PartRange {
+  int64_t first, count;
+};
+
+C10_HOST_DEVICE inline PartRange lars_parts_of(const int64_t* row) {
+  return {row[WorkRow<3>::kFirstChunk], (row[WorkRow<3>::kNumel] + kCudaChunk - 1) / kCudaChunk};
+}
+
+// This thread's share of the sum of a tensor's rows: rows thread, thread + n_threads, ... in order.
+C10_HOST_DEVICE inline SumSq lars_parts_share(const SumSq* parts, PartRange range, int64_t thread,
+                                              int64_t n_threads) {
+  SumSq sum{0.f, 0.f};
+  for (int64_t j = thread; j < range.count; j += n_threads) sum = sum + parts[range.first + j];
+  return sum;
+}
+
 }  // namespace resfast

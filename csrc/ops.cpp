@@ -35,10 +35,15 @@ class PreparedUpdate {
   using States = std::vector<std::vector<at::Tensor>>;
 
   PreparedUpdate(std::string op, std::vector<at::Tensor> params, States states, bool has_wd, bool nesterov,
-                 bool maximize, int64_t wd_mode)
+                 bool maximize, int64_t wd_mode, bool lars_adaptation)
       : op_(std::move(op)), params_(std::move(params)), states_(std::move(states)), has_wd_(has_wd),
-        nesterov_(nesterov), maximize_(maximize), wd_mode_(wd_mode) {
-    const size_t want = op_ == "sgd" ? 1 : op_ == "rmsprop" ? 3 : op_ == "adagrad" ? 1 : op_ == "adam" ? 3 : 0;
+        nesterov_(nesterov), maximize_(maximize), lars_adaptation_(lars_adaptation), wd_mode_(wd_mode) {
+    const size_t want = op_ == "sgd"       ? 1
+                        : op_ == "rmsprop" ? 3
+                        : op_ == "adagrad" ? 1
+                        : op_ == "adam"    ? 3
+                        : op_ == "lars"    ? 1
+                                           : 0;
     TORCH_CHECK(want != 0, "resfast: PreparedUpdate: unknown op '", op_, "'");
     TORCH_CHECK(states_.size() == want, "resfast: PreparedUpdate: ", op_, " takes ", want, " state lists, got ",
                 states_.size());
@@ -64,6 +69,12 @@ class PreparedUpdate {
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
                                        Optional, bool, bool, Optional)>();
       op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, maximize_, grad_clip);
+    } else if (op_ == "lars") {
+      static auto op = dispatcher.findSchemaOrThrow("resfast::lars_", "")
+                           .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
+                                       Optional, bool, bool, bool, bool, Optional)>();
+      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, lars_adaptation_, nesterov_, maximize_,
+              grad_clip);
     } else {
       static auto op = dispatcher.findSchemaOrThrow("resfast::adam_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -76,7 +87,7 @@ class PreparedUpdate {
   std::string op_;
   std::vector<at::Tensor> params_;
   States states_;  // in the op's order; an absent state is an empty list
-  bool has_wd_, nesterov_, maximize_;
+  bool has_wd_, nesterov_, maximize_, lars_adaptation_;
   int64_t wd_mode_;
 };
 
@@ -99,10 +110,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<resfast::PreparedUpdate>(m, "PreparedUpdate",
                                              "An optimizer op's kernel call whose params and states stay here")
       .def(pybind11::init<std::string, std::vector<at::Tensor>, resfast::PreparedUpdate::States, bool, bool, bool,
-                          int64_t>(),
+                          int64_t, bool>(),
            pybind11::arg("op"), pybind11::arg("params"), pybind11::arg("states"), pybind11::kw_only(),
            pybind11::arg("has_wd") = false, pybind11::arg("nesterov") = false, pybind11::arg("maximize") = false,
-           pybind11::arg("wd_mode") = 0)
+           pybind11::arg("wd_mode") = 0, pybind11::arg("lars_adaptation") = false)
       .def("run", &resfast::PreparedUpdate::run, "One update with this step's grads and coefficients",
            pybind11::arg("grads"), pybind11::arg("coef"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
            pybind11::arg("grad_clip") = pybind11::none());
@@ -115,6 +126,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   columns["rmsprop_"] = column_names<resfast::RmspropMath>();
   columns["adagrad_"] = column_names<resfast::AdagradMath>();
   columns["adam_"] = column_names<resfast::AdamMath>();
+  columns["lars_"] = column_names<resfast::LarsMath>();
   m.attr("COEF_COLUMNS") = columns;
   m.attr("ADAM_WEIGHT_DECAY") =
       pybind11::dict(pybind11::arg("none") = int(resfast::AdamMath::kNone), pybind11::arg("l2") = int(resfast::AdamMath::kL2),

@@ -137,6 +137,40 @@ struct AdamMath {
   }
 };
 
+// LARS with the learning rate inside the momentum buffer (the MLPerf rule). Its learning rate is scaled
+// per tensor by a trust ratio that depends on the whole tensor's norms, so the drivers first reduce
+// every tensor's sums of squares, then set `scaled_lr` (lr * trust, from scaled_lr_of below) in their
+// copy of this maths for each tensor before updating its elements; the element update reads no lr column.
+struct LarsMath {
+  enum Column : int { kLr, kMomentum, kWeightDecay, kTrustCoefficient, kEps, kColumns };
+  static constexpr const char* kColumnNames[kColumns] = {"lr", "momentum", "weight_decay", "trust_coefficient",
+                                                         "eps"};
+  bool has_wd, nesterov;
+  float scaled_lr;  // this tensor's lr * trust
+
+  // lr * trust for a tensor whose param has sum of squares w_sq and whose unscaled grad has g_sq, the grad
+  // then multiplied by max_grad_norm's `clip` (1: none), so |g| = clip * sqrt(g_sq):
+  // trust = trust_coefficient * |w| / (|g| + weight_decay * |w| + eps), or 1 where |w| or |g| is 0
+  // (a NaN norm fails the test too, as in the reference, and leaves the plain lr).
+  C10_HOST_DEVICE static float scaled_lr_of(const float* c, float w_sq, float g_sq, float clip) {
+    const float w_norm = sqrtf(w_sq), g_norm = sqrtf(g_sq) * clip;
+    if (!(w_norm > 0.f && g_norm > 0.f)) return c[kLr];
+    return c[kLr] * (c[kTrustCoefficient] * w_norm / (g_norm + c[kWeightDecay] * w_norm + c[kEps]));
+  }
+
+  // r: param, grad, momentum_buffer
+  template <int N, typename T>
+  C10_HOST_DEVICE void operator()(T (&r)[N], const float* c) const {
+    static_assert(N == 3, "LARS updates param, grad and momentum_buffer");
+    T d = r[1];
+    if (has_wd) d = d + r[0] * T(c[kWeightDecay]);
+    const T step = d * T(scaled_lr);
+    const T b = r[2] * T(c[kMomentum]) + step;
+    r[2] = b;
+    r[0] = r[0] - (nesterov ? b * T(c[kMomentum]) + step : b);
+  }
+};
+
 // What every update does to the stored grad first, read once per call (CUDA: per chunk).
 struct GradTransform {
   bool scaled;  // divide by GradScaler's `scale`, and write the unscaled grad back

@@ -1,8 +1,12 @@
-// The four optimizer ops, written once over a Backend (CPU or CUDA) that supplies
+// The five optimizer ops, written once over a Backend (CPU or CUDA) that supplies
 //   template <int N, typename Math> static void apply(const std::vector<at::TensorList>& lists,
 //       const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
 //       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip, bool maximize,
 //       const Math& math);
+// and, for LARS, whose update needs every tensor's norms first (a reduction, then the update),
+//   static void lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+//       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+//       const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize, const LarsMath& math);
 // Each op's lists are [params, grads, states...]; optional states are empty lists. N, the number of
 // lists, is a compile-time constant so the per-element loops over them unroll; each op instantiates
 // only the counts its options can produce.
@@ -156,7 +160,18 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   }
 }
 
-// The four ops' schemas (used inside TORCH_LIBRARY). Every op mutates its tensor lists in place and
+template <typename Backend>
+void lars_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const at::Tensor& coef,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf, bool has_wd,
+           bool lars_adaptation, bool nesterov, bool maximize, const std::optional<at::Tensor>& grad_clip) {
+  const std::vector<at::TensorList> lists{params, grads, momentum_buffers};
+  check_grad_clip(grad_clip);
+  check_lists(lists, coef, LarsMath::kColumns);
+  Backend::lars(lists, coef, grad_scale, found_inf, grad_clip, lars_adaptation, maximize,
+                LarsMath{has_wd, nesterov, 0.f});
+}
+
+// The five ops' schemas (used inside TORCH_LIBRARY). Every op mutates its tensor lists in place and
 // declares it ((a!) annotations).
 #define RESFAST_DEFINE_OPTIM_SCHEMAS(m)                                                                          \
   m.def(                                                                                                         \
@@ -173,13 +188,18 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   m.def(                                                                                                         \
       "adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "         \
       "Tensor(e!)[] max_exp_avg_sqs, Tensor coef, Tensor? grad_scale, Tensor? found_inf, int wd_mode, "          \
+      "bool maximize, Tensor? grad_clip=None) -> ()");                                                           \
+  m.def(                                                                                                         \
+      "lars_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor coef, "              \
+      "Tensor? grad_scale, Tensor? found_inf, bool has_wd, bool lars_adaptation, bool nesterov, "                \
       "bool maximize, Tensor? grad_clip=None) -> ()")
 
-// Registers the four ops for one dispatch key (used inside TORCH_LIBRARY_IMPL).
+// Registers the five ops for one dispatch key (used inside TORCH_LIBRARY_IMPL).
 #define RESFAST_REGISTER_OPTIM_OPS(m, Backend)     \
   m.impl("sgd_", &resfast::sgd_<Backend>);         \
   m.impl("rmsprop_", &resfast::rmsprop_<Backend>); \
   m.impl("adagrad_", &resfast::adagrad_<Backend>); \
-  m.impl("adam_", &resfast::adam_<Backend>)
+  m.impl("adam_", &resfast::adam_<Backend>);       \
+  m.impl("lars_", &resfast::lars_<Backend>)
 
 }  // namespace resfast

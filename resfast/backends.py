@@ -43,9 +43,6 @@ FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The backends whose optimizer kernels implement master weights and bf16 stochastic rounding (beyond
 # torch); the native ones do not yet.
 LOW_PRECISION_BACKENDS = ("triton", "reference")
-# The backends whose optimizer kernels implement LARS (its per-tensor norm pass); the native ones do not
-# yet, so `auto` picks triton on CUDA and the reference on the CPU.
-LARS_BACKENDS = ("triton", "reference")
 # The environment variable that overrides `auto`.
 ENV_VAR = "RESFAST_BACKEND"
 
@@ -91,8 +88,7 @@ def _native_bn() -> ModuleType:
 
 
 KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
-    # Same functions with the same signatures in every module: sgd, rmsprop, adagrad, adam; and lars in
-    # those of LARS_BACKENDS.
+    # Same functions with the same signatures in every module: sgd, rmsprop, adagrad, adam, lars.
     "optimizer": {
         "reference": _reference_optim,
         "triton": _triton_optim,
@@ -317,7 +313,6 @@ def info() -> Info:
         "optimizers": (torch.float32, ops["optimizers"]),
         "float64/complex": (torch.float64, ops["optimizers"]),
         "master_weights/bf16_stochastic_rounding": (torch.bfloat16, LOW_PRECISION_BACKENDS),
-        "LARS": (torch.float32, LARS_BACKENDS),
         "batch_norm_add_relu": (torch.float32, ops["batch_norm_add_relu"]),
     }
     for device in devices:

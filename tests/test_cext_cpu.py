@@ -28,10 +28,11 @@ def _machine_level() -> str:
 
 # Run in a fresh process, since torch fixes its CPU capability (ATEN_CPU_CAPABILITY) at first use. Sizes
 # cover one element, vector tails of every 16-bit and 32-bit width, and a tensor of several parallel
-# chunks (16384 elements each) with a tail. Each optimizer runs 3 steps on the cpu backend and on the
-# reference from the same state; every param and state must agree within 4 ulps of the storage dtype
-# of the tensor's largest element: both compute in float32 but in another order (and ATen's vector
-# maths may fuse multiply-adds), and 16-bit stores can round such differences to a whole ulp.
+# chunks (16384 elements each) with a tail (LARS's norm pass sums it per chunk). Each optimizer runs 3
+# steps on the cpu backend and on the reference from the same state; every param and state must agree
+# within 4 ulps of the storage dtype of the tensor's largest element: both compute in float32 but in
+# another order (and ATen's vector maths may fuse multiply-adds; LARS sums its norms in another order),
+# and 16-bit stores can round such differences to a whole ulp.
 _SCRIPT = textwrap.dedent(
     """
     import sys, torch, resfast, resfast._C as C
@@ -45,6 +46,8 @@ _SCRIPT = textwrap.dedent(
         ("Adagrad", dict(lr=0.1, lr_decay=0.01, weight_decay=0.01)),
         ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.01)),
         ("AdamW", dict(lr=0.01)),
+        ("LARS", dict(lr=1.0, trust_coefficient=0.02, weight_decay=0.01, nesterov=True)),
+        ("LARS", dict(lr=0.5, momentum=0.0, maximize=True)),
     ]
     sizes = [1, 7, 15, 17, 31, 33, 2 * 16384 + 5]
     checked = 0
@@ -85,8 +88,8 @@ def test_every_instruction_set_build_matches_the_reference(level: str) -> None:
         [sys.executable, "-c", _SCRIPT, level], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    # 3 dtypes x 7 cases x (7 params + their states): a silently skipped comparison would lower it.
-    assert int(done.stdout.split()[-1]) >= 3 * 7 * 7 * 2
+    # 3 dtypes x 9 cases x (7 params + their states): a silently skipped comparison would lower it.
+    assert int(done.stdout.split()[-1]) >= 3 * 9 * 7 * 2
 
 
 def _layout_rows() -> list[list[torch.Tensor]]:
@@ -165,3 +168,24 @@ def test_prepared_update_runs_the_op() -> None:
     for ours, theirs in zip(p + m + v, tp + tm + tv, strict=True):
         assert torch.equal(ours, theirs)
     assert all(not torch.equal(a, b) for a, b in zip(p, before, strict=True))  # it did update
+
+
+def test_prepared_lars_update_runs_the_op() -> None:
+    """PreparedUpdate("lars", ...) passes every flag, lars_adaptation included, to torch.ops.resfast.lars_:
+    with and without adaptation it equals the op's result, and the two differ (the flag reached it)."""
+    from resfast.kernels import optim_coef
+
+    gen = torch.Generator().manual_seed(0)
+    made = [[torch.randn(n, generator=gen) for n in (5, 17, 1)] for _ in range(3)]
+    coef = optim_coef.lars(3, torch.device("cpu"), lr=0.5, momentum=0.9, weight_decay=0.1,
+                           trust_coefficient=0.02, eps=0.0)  # fmt: skip
+    results = []
+    for adaptation in (True, False):
+        p, g, buf = ([t.clone() for t in ts] for ts in made)
+        tp, tg, tbuf = ([t.clone() for t in ts] for ts in made)
+        options = {"has_wd": True, "lars_adaptation": adaptation, "nesterov": True, "maximize": False}
+        ext.PreparedUpdate("lars", p, [buf], **options).run(g, coef, None, None)
+        torch.ops.resfast.lars_(tp, tg, tbuf, coef, None, None, **options)
+        assert all(torch.equal(a, b) for a, b in zip(p + buf, tp + tbuf, strict=True))
+        results.append(p)
+    assert not torch.equal(results[0][0], results[1][0])

@@ -29,6 +29,9 @@ def _cases():
     )
     p, g, m, v, vmax = _lists(5, 4)
     sq, ga, buf = _lists(3, 4)
+    lars_coef = optim_coef.lars(
+        4, torch.device("cpu"), lr=0.1, momentum=0.9, weight_decay=0.01, trust_coefficient=0.02, eps=0.0
+    )
     ops = torch.ops.resfast
     return {
         "sgd_": (ops.sgd_.default, (p, g, buf, torch.full((4, 5), 0.1), None, None, True, True, False)),
@@ -43,6 +46,10 @@ def _cases():
         ),
         "adagrad_": (ops.adagrad_.default, (p, g, sq, torch.full((4, 3), 0.1), None, None, True, False)),
         "adam_": (ops.adam_.default, (p, g, m, v, vmax, adam_coef, None, None, 2, False)),
+        "lars_": (
+            ops.lars_.default,
+            (p, g, buf, lars_coef, torch.tensor(4.0), torch.tensor(0.0), True, True, True, False),
+        ),
         "count_steps_": (ops.count_steps_.default, (steps, torch.tensor([0.0]))),
         "adam_coef": (ops.adam_coef.default, (steps, torch.tensor(0.01), 0.0, 0.9, 0.999, 1e-8, 0.1, 2)),
         "adagrad_coef": (ops.adagrad_coef.default, (steps, None, 0.01, 0.1, 0.0, 1e-10)),
@@ -51,7 +58,10 @@ def _cases():
 
 @pytest.mark.parametrize(
     "name",
-    ["sgd_", "rmsprop_", "adagrad_", "adam_", "sgd_+grad_clip", "count_steps_", "adam_coef", "adagrad_coef"],
+    [
+        *("sgd_", "rmsprop_", "adagrad_", "adam_", "lars_", "sgd_+grad_clip"),
+        *("count_steps_", "adam_coef", "adagrad_coef"),
+    ],
 )
 def test_opcheck(name):
     op, args = _cases()[name]
@@ -89,6 +99,17 @@ def test_bad_inputs_are_rejected_with_clear_errors():
             coef[:1],
             *rest,
         )
+
+
+def test_lars_rejects_a_coefficient_table_of_another_width_and_mismatched_buffers():
+    op, args = _cases()["lars_"]
+    p, g, buf, coef, *rest = args
+    with pytest.raises(RuntimeError, match=r"coef must be a contiguous float32 \[n_tensors, 5\]"):
+        op(p, g, buf, torch.zeros(4, 7), *rest)
+    with pytest.raises(RuntimeError, match="must match its param"):
+        op(p, g, [t.to(torch.bfloat16) for t in buf], coef, *rest)
+    with pytest.raises(RuntimeError, match="list 2 has 3 tensors"):
+        op(p, g, buf[:3], coef, *rest)
 
 
 def test_extension_records_the_torch_it_was_built_for():

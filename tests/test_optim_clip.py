@@ -132,11 +132,8 @@ def test_low_precision_fast_backends_match_the_reference(case, backend, dtype):
     assert all(torch.equal(a, b) for a, b in zip(norms, ref_norms, strict=True))
 
 
-LARS_BACKENDS = [pytest.param(b, id=b) for b in backends.LARS_BACKENDS]
-
-
 @pytest.mark.parametrize("max_norm", [CLIPPING, NOT_CLIPPING], ids=["clipping", "not-clipping"])
-@pytest.mark.parametrize("backend", LARS_BACKENDS)
+@pytest.mark.parametrize("backend", backend_params())
 def test_lars_matches_clip_grad_norm_then_lars(backend, max_norm):
     """LARS has no torch counterpart: its reference backend, fed grads clipped by clip_grad_norm_, is the
     expectation. Mixed groups, so the trust ratio sees the clipped grad's norm where it adapts."""

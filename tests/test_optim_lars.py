@@ -1,17 +1,23 @@
-"""LARS: the reference against a float64 transcription of the rule, the Triton kernels (two launches:
-norms, then update) against the reference, GradScaler, checkpoints, errors, routing, and the MLPerf
-param groups.
+"""LARS: the reference against a float64 transcription of the rule, the fused backends (Triton: two
+launches, norms then update; the native C++ CPU kernels: a norm pass then the update; the CUDA kernels
+on a GPU) against the reference and against the float64 rule, determinism, GradScaler, checkpoints,
+errors, routing, and the MLPerf param groups. The CUDA kernel body run on the host is checked in
+tests/test_cuda_kernel_on_host.py.
 
 Tolerances, with their reasons:
 
 - reference vs the float64 transcription, on float64 tensors: both are float64 and differ only in the
   order of the norms' sums and of a few products, so a few float64 ulps; 1e-12 relative to the
   tensor's magnitude leaves room for the norms of 40,000-element tensors and five steps.
-- Triton vs reference: both compute in fp32 from the same inputs; the norms are summed in another
-  order (blocked, then per span, against torch's reduction), which moves each trust ratio by a few
-  fp32 ulps, and every update (itself at most the tensor's magnitude here) by that much relative: the
-  shared helper's 4 fp32 ulps of the largest magnitude (fast_backend_bound); bf16 stores round once
-  more, 2 bf16 ulps.
+- fused backends vs reference: both compute in fp32 from the same inputs; the norms are summed in
+  another order (Triton: blocked, then per span; cpu: fp32 vector lanes per 1024-element block, then
+  double; cuda: a tree per 4096-element chunk, then over chunks; against torch's reduction), which
+  moves each trust ratio by a few fp32 ulps, and every update (itself at most the tensor's magnitude
+  here) by that much relative: the shared helper's 4 fp32 ulps of the largest magnitude
+  (fast_backend_bound); bf16 stores round once more, 2 bf16 ulps.
+- fused backends in fp32 vs the float64 rule: at most twice the reference's own fp32 error on the same
+  tensor (the project's rule for a fast path), plus 2 fp32 ulps of the tensor's magnitude where the
+  reference happens to land (almost) exactly.
 """
 
 from __future__ import annotations
@@ -50,10 +56,12 @@ CASES = [
 
 
 def _backends() -> list:
+    """Every backend that runs fp32 CPU tensors here (triton under TRITON_INTERPRET=1, cpu when the
+    native extension is built); the others as skips that say why."""
     params = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", "triton", "cpu"):
         try:
-            backends.choose(torch.device("cpu"), torch.float32, backend, implemented=backends.LARS_BACKENDS)
+            backends.choose(torch.device("cpu"), torch.float32, backend)
             marks = ()
         except backends.BackendUnavailable as e:
             marks = (pytest.mark.skip(reason=str(e)),)
@@ -62,6 +70,8 @@ def _backends() -> list:
 
 
 TRITON = [b for b in _backends() if b.values[0] == "triton"]
+NATIVE_CPU = [b for b in _backends() if b.values[0] == "cpu"]
+FAST = TRITON + NATIVE_CPU
 
 
 def _params(dtype: torch.dtype) -> list[Tensor]:
@@ -143,22 +153,26 @@ def test_reference_is_the_rule_in_float64(name, kwargs, second):
         assert max_err(buf, want_buffers[i]) <= 1e-12 * scale, f"buffer {i}"
 
 
-def test_zero_param_and_zero_grad_take_the_plain_lr():
+@pytest.mark.parametrize("backend", _backends())
+def test_zero_param_and_zero_grad_take_the_plain_lr(backend):
     """Trust 1 where ‖w‖ = 0 or ‖g‖ = 0: the update is lr * d, not trust_coefficient * 0 (no update) or
-    a division by zero (NaN)."""
-    w0, w1 = torch.zeros(4, dtype=torch.float64), torch.full((3,), 2.0, dtype=torch.float64)
-    opt = LARS([w0, w1], lr=0.5, momentum=0.0, weight_decay=0.1, backend="reference")
-    w0.grad = torch.ones(4, dtype=torch.float64)
-    w1.grad = torch.zeros(3, dtype=torch.float64)
+    a division by zero (NaN). The fused backends run fp32, where every value here is exact but the
+    decay's 0.1: d = wd * w differs from float64's by fp32's rounding of 0.1."""
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    w0, w1 = torch.zeros(4, dtype=dtype), torch.full((3,), 2.0, dtype=dtype)
+    opt = LARS([w0, w1], lr=0.5, momentum=0.0, weight_decay=0.1, backend=backend)
+    w0.grad = torch.ones(4, dtype=dtype)
+    w1.grad = torch.zeros(3, dtype=dtype)
     opt.step()
-    assert torch.equal(w0, torch.full((4,), -0.5, dtype=torch.float64))  # 0 - 0.5 * 1
-    assert torch.equal(w1, torch.full((3,), 2.0 - 0.5 * 0.1 * 2.0, dtype=torch.float64))  # d = wd * w
+    assert torch.equal(w0, torch.full((4,), -0.5, dtype=dtype))  # 0 - 0.5 * 1
+    decay = torch.tensor(0.1, dtype=dtype)
+    assert torch.equal(w1, torch.full((3,), 2.0, dtype=dtype) - 0.5 * (decay * 2.0))  # d = wd * w
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize(("name", "kwargs", "second"), CASES, ids=[c[0] for c in CASES])
-def test_triton_matches_reference(name, kwargs, second, backend, dtype):
+def test_fast_backends_match_reference(name, kwargs, second, backend, dtype):
     ref_opt, ref = _run(dtype, kwargs, second, "reference")
     fast_opt, fast = _run(dtype, kwargs, second, backend)
     for i, (want, got) in enumerate(zip(ref, fast, strict=True)):
@@ -168,6 +182,45 @@ def test_triton_matches_reference(name, kwargs, second, backend, dtype):
         assert max_err(got, want) <= fast_backend_bound(want, scale), f"param {i}: {max_err(got, want):.3g}"
         assert max_err(got_buf, want_buf) <= fast_backend_bound(want_buf, scale), f"buffer {i}"
         assert got_buf.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize(("name", "kwargs", "second"), CASES, ids=[c[0] for c in CASES])
+def test_fast_backends_against_the_float64_rule(name, kwargs, second, backend):
+    """fp32 runs of a fused backend and of the reference against the rule in float64 (_truth): the fused
+    backend's error is at most twice the reference's, plus 2 fp32 ulps of the magnitude (module
+    docstring)."""
+    ref_opt, ref = _run(torch.float32, kwargs, second, "reference")
+    fast_opt, fast = _run(torch.float32, kwargs, second, backend)
+    want_params, want_buffers = _truth(kwargs, second)
+    for i, (want, want_buf) in enumerate(zip(want_params, want_buffers, strict=True)):
+        scale = max(want.abs().max().item(), want_buf.abs().max().item()) if want.numel() else 0.0
+        floor = 2 * torch.finfo(torch.float32).eps * max(scale, 1.0)
+        for label, mine, theirs, truth in (
+            ("param", fast[i], ref[i], want),
+            ("buffer", fast_opt.state[fast[i]]["momentum_buffer"], ref_opt.state[ref[i]]["momentum_buffer"],
+             want_buf),
+        ):  # fmt: skip
+            allowed = 2 * max_err(theirs, truth) + floor
+            assert max_err(mine, truth) <= allowed, f"{label} {i}: {max_err(mine, truth):.3g} > {allowed:.3g}"
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_fast_backends_repeat_bit_for_bit(backend):
+    """The norms are reduced in a fixed order (no atomics): two runs give identical bits, and on the
+    native CPU backend so do runs on one thread and on several (the 40,000-element tensor and the
+    others exceed the size below which a call stays on the calling thread)."""
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n_threads in (threads, threads, 1, max(threads, 2)):
+            torch.set_num_threads(n_threads)
+            opt, params = _run(torch.float32, {"weight_decay": 0.05, "nesterov": True}, {}, backend)
+            runs.append([t.clone() for p in params for t in (p, opt.state[p]["momentum_buffer"])])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -283,27 +336,32 @@ def test_bad_group_raises_before_it_is_added():
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda"])
-def test_native_backends_have_no_lars_yet(backend):
-    with pytest.raises(backends.BackendUnavailable, match="no LARS kernels"):
-        LARS([torch.zeros(2, requires_grad=True)], lr=0.1, backend=backend)
+def _native_available(device: str) -> bool:
+    try:
+        backends.choose(torch.device(device), torch.float32, "cuda" if device == "cuda" else "cpu")
+    except backends.BackendUnavailable:
+        return False
+    return True
 
 
-def test_auto_picks_the_reference_on_the_cpu_and_env_override_raises_before_anything_changes(monkeypatch):
+def test_auto_picks_the_native_backend_and_env_override_raises_before_anything_changes(monkeypatch):
+    """auto picks the native cpu backend on the CPU (the reference without the extension), as for the
+    other optimizers; RESFAST_BACKEND naming a backend that cannot run CPU tensors raises at the step,
+    before any state exists."""
     p = torch.ones(3, requires_grad=True)
     opt = LARS([p], lr=0.1)
-    assert opt._choose_backend(p) == "reference"  # the native cpu backend would be auto's first pick
-    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    assert opt._choose_backend(p) == ("cpu" if _native_available("cpu") else "reference")
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
     p.grad = torch.ones(3)
-    with pytest.raises(backends.BackendUnavailable, match="no LARS kernels"):
+    with pytest.raises(backends.BackendUnavailable, match="cuda"):
         opt.step()
     assert torch.equal(p, torch.ones(3)) and not opt.state
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_auto_picks_triton_on_cuda():
+def test_auto_picks_the_cuda_kernels_on_cuda():
     p = torch.ones(3, device="cuda", requires_grad=True)
-    assert LARS([p], lr=0.1)._choose_backend(p) == "triton"
+    assert LARS([p], lr=0.1)._choose_backend(p) == ("cuda" if _native_available("cuda") else "triton")
 
 
 def test_sparse_grads_are_refused():
@@ -419,6 +477,145 @@ class _Counting:
         return self.kernel[grid]
 
 
+@pytest.mark.parametrize("backend", NATIVE_CPU)
+def test_native_cpu_runs_one_op_per_bucket(backend, monkeypatch):
+    """One lars_ call per (group, dtype) bucket and step, with adaptation as the group says, whichever
+    way resfast.kernels.cext reaches the op (torch.ops.resfast.lars_, or a kept call's PreparedUpdate)."""
+    import resfast._C
+
+    from resfast.kernels import cext
+
+    calls: list[tuple[str, bool]] = []
+    ops = cext._ops
+
+    class _Recording:
+        def __getattr__(self, name):
+            op = getattr(ops, name)
+            if name != "lars_":
+                return op
+            return lambda *args, **kw: calls.append(("op", kw["lars_adaptation"])) or op(*args, **kw)
+
+    class _Prepared(resfast._C.PreparedUpdate):
+        def __init__(self, op, params, states, **options):
+            super().__init__(op, params, states, **options)
+            self.adaptation = options["lars_adaptation"]
+
+        def run(self, *args):
+            calls.append(("prepared", self.adaptation))
+            super().run(*args)
+
+    monkeypatch.setattr(cext, "_ops", _Recording())
+    monkeypatch.setattr(resfast._C, "PreparedUpdate", _Prepared)
+    mixed = [torch.randn(n) for n in (3, 2000, 1)] + [torch.randn(5, dtype=torch.bfloat16)]
+    plain = [torch.randn(n) for n in (4, 6)]
+    opt = LARS([{"params": mixed}, {"params": plain, "lars_adaptation": False}], lr=0.1, backend=backend)
+    for _ in range(3):
+        for p in mixed + plain:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert sorted(adapted for _, adapted in calls) == [False] * 3 + [True] * 6
+
+
+@pytest.mark.parametrize("backend", NATIVE_CPU)
+def test_native_lars_refuses_the_low_precision_modes(backend):
+    """LARS offers no master weights or stochastic rounding; a direct call of the native update with
+    either is refused, naming the backends that have them, before any tensor changes."""
+    from resfast.kernels import cext
+
+    w, g, v = (torch.full((4,), x, dtype=torch.bfloat16) for x in (1.0, 1.0, 0.0))
+    options = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0, "trust_coefficient": 0.02, "eps": 0.0,
+               "lars_adaptation": True, "nesterov": False, "maximize": False}  # fmt: skip
+    for extra in ({"master_params": [torch.ones(4)]}, {"stochastic_seed": 1}):
+        with pytest.raises(NotImplementedError, match="triton or reference"):
+            cext.lars([w], [g], [v], **options, **extra)
+    assert torch.equal(w, torch.ones(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("adaptation", [True, False], ids=["adapted", "plain"])
+def test_cuda_launches_per_bucket_without_host_sync(adaptation):
+    """On the cuda backend a step launches two kernels per bucket with adaptation (lars_norms, then
+    lars_update), one without, whatever the number of tensors; and it reads nothing back to the host
+    (torch.cuda.set_sync_debug_mode raises on a synchronising call)."""
+    if not _native_available("cuda"):
+        pytest.skip("resfast._C was built without CUDA kernels")
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [torch.randn(n, device="cuda") for n in (3, 5000, 1, 70000)]
+    opt = LARS([{"params": params, "lars_adaptation": adaptation}], lr=0.1, weight_decay=1e-4, backend="cuda")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # creates the state and the device work table
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    # Device kernels carry their own names; the host's launch events are named cudaLaunchKernel.
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    kernels = [k for e in events for k in ("lars_norms", "lars_update") if k in e.name]
+    assert kernels == (["lars_norms", "lars_update"] if adaptation else ["lars_update"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("name", "kwargs", "second"), CASES, ids=[c[0] for c in CASES])
+def test_cuda_matches_reference_and_repeats_bit_for_bit(name, kwargs, second, dtype):
+    """The CUDA kernels on the GPU against the reference on the GPU (fast_backend_bound, module
+    docstring), and two runs identical to the bit."""
+    if not _native_available("cuda"):
+        pytest.skip("resfast._C was built without CUDA kernels")
+
+    def run(backend):
+        params = [p.cuda() for p in _params(dtype)]
+        opt = LARS(_groups(params, second), **{**BASE, **kwargs}, backend=backend)
+        for step in range(STEPS):
+            _set_lr(opt, step)
+            for p, g in zip(params, _grads(step), strict=True):
+                p.grad = None if g is None else g.to("cuda", dtype)
+            opt.step()
+        return [(p, opt.state[p]["momentum_buffer"]) for p in params]
+
+    ref, fast, again = run("reference"), run("cuda"), run("cuda")
+    for i, ((want, want_buf), (got, got_buf), (p2, b2)) in enumerate(zip(ref, fast, again, strict=True)):
+        scale = max(want.abs().max().item(), want_buf.abs().max().item()) if want.numel() else 0.0
+        assert max_err(got, want) <= fast_backend_bound(want, scale), f"param {i}: {max_err(got, want):.3g}"
+        assert max_err(got_buf, want_buf) <= fast_backend_bound(want_buf, scale), f"buffer {i}"
+        assert torch.equal(got, p2) and torch.equal(got_buf, b2), f"tensor {i} differs between runs"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_replays_in_a_cuda_graph():
+    """A captured cuda-backend step (norms and update, a tensor lr) replays exactly like eager steps."""
+    if not _native_available("cuda"):
+        pytest.skip("resfast._C was built without CUDA kernels")
+    results = []
+    for mode in ("eager", "graph"):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=gen).cuda() for n in (3, 5000, 1, 70000)]
+        lr = torch.tensor(0.5, device="cuda")
+        opt = LARS(params, lr=lr, weight_decay=1e-4, trust_coefficient=0.02, backend="cuda")
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).cuda()
+        opt.step()  # warm-up: creates the state and the cached work table outside the capture
+        if mode == "eager":
+            for value in (0.4, 0.3, 0.2):
+                lr.fill_(value)
+                opt.step()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+            for value in (0.4, 0.3, 0.2):
+                lr.fill_(value)
+                graph.replay()
+        results.append([t.clone() for p in params for t in (p, opt.state[p]["momentum_buffer"])])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 @pytest.mark.parametrize("backend", TRITON)
 def test_triton_launches_per_bucket(backend, monkeypatch):
     """Two launches per (group, dtype) bucket with adaptation (norms, update), one without, whatever the
@@ -451,8 +648,3 @@ def test_tensor_lr_equals_float_lr_and_no_grads_change_nothing(backend):
         assert opt.step(lambda: 7.0) == 7.0  # the closure's loss comes back
         runs.append(w)
     assert torch.equal(*runs)
-
-
-def test_backends_info_reports_where_lars_runs():
-    report = backends.info()
-    assert "LARS: reference" in report["auto on cpu"]

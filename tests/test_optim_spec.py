@@ -41,30 +41,10 @@ def _native_extension():
     return ext
 
 
-# Updates the native extension does not implement (yet), each with the reason; resfast.backends routes
-# them to the backends that do. test_native_extension_lacks_exactly_these keeps this list true.
-NATIVE_LACKS = {
-    "lars": "LARS has no native kernels yet: resfast.backends.LARS_BACKENDS routes it to triton/reference",
-}
-NATIVE_OPS = [
-    pytest.param(op, marks=pytest.mark.skip(reason=NATIVE_LACKS[op])) if op in NATIVE_LACKS else op
-    for op in SPECS
-]
-
-
-def test_native_extension_lacks_exactly_these():
-    """An update listed in NATIVE_LACKS has no native op, and its backends exclude the native ones: once
-    the op exists, the entry must go (and its columns be checked below)."""
-    _native_extension()
-    for op in NATIVE_LACKS:
-        assert not hasattr(torch.ops.resfast, f"{op}_"), f"resfast._C has {op}_: remove it from NATIVE_LACKS"
-        assert f"{op}_" not in _native_extension().COEF_COLUMNS
-    assert not set(backends.LARS_BACKENDS) & {"cpu", "cuda"}
-
-
 def test_native_coefficient_columns_are_the_specs():
-    """csrc/optim_math.h names each column; a column added on one side only fails here."""
-    native = {f"{op}_": list(spec.columns) for op, spec in SPECS.items() if op not in NATIVE_LACKS}
+    """csrc/optim_math.h names each column; a column added on one side only fails here, and so does an
+    update without a native op."""
+    native = {f"{op}_": list(spec.columns) for op, spec in SPECS.items()}
     assert native == _native_extension().COEF_COLUMNS
 
 
@@ -94,7 +74,7 @@ def test_coefficient_tables_have_the_specs_width():
     assert tables["lars"][0, SPECS["lars"].column("trust_coefficient")].item() == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize("op", SPECS)
 def test_native_op_schemas_take_the_specs_lists_and_options(op):
     """Each native op takes params, grads, one list per state of the spec (its key, plural), the
     coefficients, GradScaler's tensors, exactly the spec's options in order, then max_grad_norm's

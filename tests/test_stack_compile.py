@@ -186,6 +186,7 @@ OPTIMIZERS = {
     "Adagrad": {"lr_decay": 0.01},
     "Adam": {"amsgrad": True},
     "AdamW": {},
+    "LARS": {"weight_decay": 0.01, "trust_coefficient": 0.02, "nesterov": True},
 }
 LRS = (0.01, 0.03, 0.002, 0.05)
 

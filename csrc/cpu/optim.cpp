@@ -47,6 +47,14 @@ auto kernel_for_this_cpu() {
   return &DEFAULT::update_chunks<N, Math>;
 }
 
+auto lars_norms_for_this_cpu() {
+#if RESFAST_CPU_X86_VARIANTS
+  if (selected_isa() == Isa::Avx512) return &AVX512::lars_norms;
+  if (selected_isa() == Isa::Avx2) return &AVX2::lars_norms;
+#endif
+  return &DEFAULT::lars_norms;
+}
+
 // Elements per chunk: large enough to amortise scheduling, small enough to balance 2-64 cores.
 constexpr int64_t kChunk = 1 << 14;
 // Below this many elements in a call, one thread updates them all (a few microseconds of work).
@@ -98,7 +106,79 @@ struct CpuBackend {
       kernel(part, math);
     });
   }
+
+  static void lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize,
+                   const LarsMath& math);
 };
+
+// LARS: a norm pass over all chunks, then the update, each one at::parallel_for over the chunks of
+// every tensor of the call. Each chunk's sums of squares are its own (optim_kernels_impl.h) and a
+// tensor's are added in chunk order in double, so the trust ratios, and the whole step, do not depend
+// on the thread count. Without adaptation the norm pass is skipped.
+void CpuBackend::lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize,
+                      const LarsMath& math) {
+  const at::TensorList params = lists[0];
+  if (params.empty()) return;
+  if (found_inf.has_value() && found_inf->item<float>() != 0.f) return;  // a skipped step touches nothing
+  const WorkTable work = build_work_table<3>(lists, kChunk);
+  const float* coef_data = coef.const_data_ptr<float>();
+  const int64_t n = work.n_chunks;
+  std::vector<Chunk> chunks(n);
+  std::vector<int64_t> tensor_of(n);  // each chunk's tensor index in the call
+  int64_t elements = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const ChunkSpan span = locate_chunk<3>(work.rows.data(), work.n_rows, i, kChunk);
+    for (int k = 0; k < 3; ++k) chunks[i].data[k] = reinterpret_cast<void*>(span.row[k]);
+    tensor_of[i] = span.row[WorkRow<3>::kTensor];
+    chunks[i].coef = coef_data + tensor_of[i] * LarsMath::kColumns;
+    chunks[i].begin = span.begin;
+    chunks[i].end = span.end;
+    elements += span.end - span.begin;
+  }
+  const GradTransform grad{grad_scale.has_value(), grad_scale.has_value() ? grad_scale->item<float>() : 1.f,
+                           grad_clip.has_value(), grad_clip.has_value() ? grad_clip->item<float>() : 1.f, maximize};
+  const Job job{chunks.data(), n, storage_of(params[0].scalar_type()), grad};
+  // Few elements: both passes on this thread (see CpuBackend::apply).
+  const int64_t grain = elements < kMinParallelElements ? std::max<int64_t>(n, 1) : 1;
+
+  std::vector<float> scaled_lr(params.size());
+  for (size_t t = 0; t < params.size(); ++t) scaled_lr[t] = coef_data[t * LarsMath::kColumns + LarsMath::kLr];
+  if (adaptation) {
+    std::vector<double> sums(2 * n);
+    const auto norms = lars_norms_for_this_cpu();
+    at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+      Job part = job;
+      part.chunks = chunks.data() + first;
+      part.count = last - first;
+      norms(part, sums.data() + 2 * first);
+    });
+    std::vector<double> w_sq(params.size(), 0.0), g_sq(params.size(), 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      w_sq[tensor_of[i]] += sums[2 * i];
+      g_sq[tensor_of[i]] += sums[2 * i + 1];
+    }
+    for (size_t t = 0; t < params.size(); ++t) {
+      scaled_lr[t] = LarsMath::scaled_lr_of(coef_data + t * LarsMath::kColumns, static_cast<float>(w_sq[t]),
+                                            static_cast<float>(g_sq[t]), grad.clip);
+    }
+  }
+  const auto kernel = kernel_for_this_cpu<3, LarsMath>();
+  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+    // One chunk per kernel call: each carries its tensor's lr * trust in its copy of the maths.
+    for (int64_t i = first; i < last; ++i) {
+      Job one = job;
+      one.chunks = chunks.data() + i;
+      one.count = 1;
+      LarsMath tensor_math = math;
+      tensor_math.scaled_lr = scaled_lr[tensor_of[i]];
+      kernel(one, tensor_math);
+    }
+  });
+}
 
 // The step counters on the CPU: plain loops (torch's foreach add costs ~1.3 us per counter there).
 struct CpuSteps {

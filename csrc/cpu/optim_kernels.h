@@ -37,23 +37,29 @@ struct Job {
   X(5, RmspropMath)                    \
   X(3, AdagradMath)                    \
   X(4, AdamMath)                       \
-  X(5, AdamMath)
+  X(5, AdamMath)                       \
+  X(3, LarsMath)
 
 // The instruction set whose build the CPU ops run: "avx512", "avx2" or "default" (optim.cpp).
 const char* kernel_isa_name();
 
-// One namespace per instruction set, as ATen names its own (CPU_CAPABILITY).
+// One namespace per instruction set, as ATen names its own (CPU_CAPABILITY). lars_norms is LARS's
+// reduction pass over a job of (param, grad, momentum_buffer) chunks: sums[2 * i] and sums[2 * i + 1]
+// receive chunk i's sum of param² and of unscaled grad².
 namespace DEFAULT {
 template <int N, typename Math>
 void update_chunks(const Job& job, const Math& math);
-}
+void lars_norms(const Job& job, double* sums);
+}  // namespace DEFAULT
 namespace AVX2 {
 template <int N, typename Math>
 void update_chunks(const Job& job, const Math& math);
-}
+void lars_norms(const Job& job, double* sums);
+}  // namespace AVX2
 namespace AVX512 {
 template <int N, typename Math>
 void update_chunks(const Job& job, const Math& math);
-}
+void lars_norms(const Job& job, double* sums);
+}  // namespace AVX512
 
 }  // namespace resfast::cpu

@@ -80,7 +80,76 @@ void update_chunk(const Chunk& chunk, const Job& job, const Math& math) {
   if (e < chunk.end) update_block(ptr, e, chunk.end - e, c, grad, m);
 }
 
+// LARS's sums of squares over one chunk. Each block of kNormBlock elements is summed in fp32 vector
+// lanes (a few dozen terms per lane), and the blocks' lanes are added in index order in double: the
+// result depends only on the chunk, not on the thread that runs it, so a step repeats bit for bit
+// whatever the thread count. The grad is unscaled as update_element unscales it (a per-element
+// division: dividing the sum by scale² instead could overflow fp32 on large scaled grads).
+constexpr int64_t kNormBlock = 1024;
+
+// Adds the squares of the first `count` lanes of w and g (the grad unscaled) to the accumulators.
+inline void add_squares(Vec w, Vec g, int64_t count, bool scaled, const Vec& scale, Vec& w_acc, Vec& g_acc) {
+  if (count < Vec::size()) {
+    const Vec zero(0.f);
+    w = Vec::set(zero, w, count);
+    g = Vec::set(zero, g, count);
+  }
+  if (scaled) g = g / scale;
+  w_acc = at::vec::fmadd(w, w, w_acc);
+  g_acc = at::vec::fmadd(g, g, g_acc);
+}
+
+inline double lane_sum(const Vec& acc) {
+  __at_align__ float lanes[Vec::size()];
+  acc.store(lanes);
+  double sum = 0.0;
+  for (int i = 0; i < Vec::size(); ++i) sum += lanes[i];
+  return sum;
+}
+
+template <typename scalar_t>
+void chunk_sums(const Chunk& chunk, const Job& job, double* out) {
+  const scalar_t* w = static_cast<const scalar_t*>(chunk.data[0]);
+  const scalar_t* g = static_cast<const scalar_t*>(chunk.data[1]);
+  const bool scaled = job.grad.scaled;
+  const Vec scale(job.grad.scale);
+  constexpr int64_t step = std::is_same_v<scalar_t, float> ? Vec::size() : 2 * Vec::size();
+  double w_total = 0.0, g_total = 0.0;
+  for (int64_t block = chunk.begin; block < chunk.end; block += kNormBlock) {
+    const int64_t block_end = std::min(block + kNormBlock, chunk.end);
+    Vec w_acc(0.f), g_acc(0.f);
+    for (int64_t e = block; e < block_end; e += step) {
+      const int64_t count = std::min(step, block_end - e);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        add_squares(Vec::loadu(w + e, count), Vec::loadu(g + e, count), count, scaled, scale, w_acc, g_acc);
+      } else {
+        using Stored = at::vec::Vectorized<scalar_t>;
+        const auto [w_lo, w_hi] = at::vec::convert_to_float<scalar_t>(Stored::loadu(w + e, count));
+        const auto [g_lo, g_hi] = at::vec::convert_to_float<scalar_t>(Stored::loadu(g + e, count));
+        const int64_t lo = std::min<int64_t>(count, Vec::size());
+        add_squares(w_lo, g_lo, lo, scaled, scale, w_acc, g_acc);
+        if (count > lo) add_squares(w_hi, g_hi, count - lo, scaled, scale, w_acc, g_acc);
+      }
+    }
+    w_total += lane_sum(w_acc);
+    g_total += lane_sum(g_acc);
+  }
+  out[0] = w_total;
+  out[1] = g_total;
+}
+
 }  // namespace
+
+void lars_norms(const Job& job, double* sums) {
+  for (int64_t i = 0; i < job.count; ++i) {
+    const Chunk& chunk = job.chunks[i];
+    switch (job.storage) {
+      case Storage::Float: chunk_sums<float>(chunk, job, sums + 2 * i); break;
+      case Storage::BFloat16: chunk_sums<c10::BFloat16>(chunk, job, sums + 2 * i); break;
+      case Storage::Half: chunk_sums<c10::Half>(chunk, job, sums + 2 * i); break;
+    }
+  }
+}
 
 template <int N, typename Math>
 void update_chunks(const Job& job, const Math& math) {

@@ -42,6 +42,72 @@ __global__ void __launch_bounds__(kCudaThreads)
                            kCudaThreads);
 }
 
+// The sum of every thread's `v`, in the order multi_tensor_update.h fixes; valid in thread 0.
+__device__ inline SumSq block_sum(SumSq v) {
+  __shared__ SumSq warp_sums[kWarps];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+RESFAST_UNROLL
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v.w += __shfl_down_sync(0xffffffffu, v.w, offset);
+    v.g += __shfl_down_sync(0xffffffffu, v.g, offset);
+  }
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? warp_sums[lane] : SumSq{0.f, 0.f};
+RESFAST_UNROLL
+    for (int offset = kWarps / 2; offset > 0; offset /= 2) {
+      v.w += __shfl_down_sync(0xffffffffu, v.w, offset);
+      v.g += __shfl_down_sync(0xffffffffu, v.g, offset);
+    }
+  }
+  return v;
+}
+
+// LARS's first launch: chunk blockIdx.x's sums of squares (param, unscaled grad) into parts[blockIdx.x].
+template <typename T>
+__global__ void __launch_bounds__(kCudaThreads)
+    lars_norms(const int64_t* __restrict__ table, int64_t n_rows, const float* grad_scale, const float* found_inf,
+               SumSq* __restrict__ parts) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;  // the update skips too: nothing reads parts
+  const SumSq sum = block_sum(lars_norms_share<T>(table, n_rows, blockIdx.x, grad_scale, threadIdx.x, kCudaThreads));
+  if (threadIdx.x == 0) parts[blockIdx.x] = sum;
+}
+
+// LARS's update (its second launch, or its only one without adaptation: parts == nullptr): every block
+// sums its tensor's rows of `parts` in the same order, derives the tensor's lr * trust, and updates its
+// chunk with it.
+template <typename T>
+__global__ void __launch_bounds__(kCudaThreads)
+    lars_update(const int64_t* __restrict__ table, int64_t n_rows, const float* __restrict__ coef,
+                const SumSq* __restrict__ parts, const float* grad_scale, const float* found_inf,
+                const float* grad_clip, bool maximize, LarsMath math) {
+  if (found_inf != nullptr && *found_inf != 0.f) return;  // a skipped step touches nothing
+  const ChunkSpan span = locate_chunk<3>(table, n_rows, blockIdx.x, kCudaChunk);
+  const float* row = coef + span.row[WorkRow<3>::kTensor] * LarsMath::kColumns;
+  if (parts == nullptr) {
+    math.scaled_lr = row[LarsMath::kLr];
+  } else {
+    __shared__ float scaled_lr;
+    const SumSq sum = block_sum(lars_parts_share(parts, lars_parts_of(span.row), threadIdx.x, kCudaThreads));
+    if (threadIdx.x == 0) scaled_lr = LarsMath::scaled_lr_of(row, sum.w, sum.g, grad_clip != nullptr ? *grad_clip : 1.f);
+    __syncthreads();
+    math.scaled_lr = scaled_lr;
+  }
+  update_chunk_share<T, 3>(table, n_rows, blockIdx.x, coef, grad_scale, grad_clip, maximize, math, threadIdx.x,
+                           kCudaThreads);
+}
+
+// A GradScaler or clip-factor tensor as a float32 one on the params' device (itself when it already is: no copy, no
+// launch), or an undefined tensor when absent; data() is then nullptr.
+struct DeviceScalar {
+  at::Tensor value;
+  DeviceScalar(const std::optional<at::Tensor>& t, const at::Device& device) {
+    if (t.has_value()) value = t->to(device, at::kFloat);
+  }
+  const float* data() const { return value.defined() ? value.data_ptr<float>() : nullptr; }
+};
+
 // Device tables keyed by their host contents. Reusing one is what makes the step capturable: a graph
 // replays the same addresses, and nothing is copied from the host during capture.
 class TableCache {
@@ -96,29 +162,49 @@ struct CudaBackend {
     TORCH_CHECK(work.n_chunks < (int64_t(1) << 31), "resfast: too many chunks for one launch: ", work.n_chunks);
     const c10::cuda::CUDAGuard guard(params[0].device());
     auto [table, chunks] = table_cache().get(std::move(work.rows), work.n_chunks, params[0].device());
-    const float* scale_ptr = nullptr;
-    const float* inf_ptr = nullptr;
-    const float* clip_ptr = nullptr;
-    at::Tensor scale_t, inf_t, clip_t;  // keep converted copies alive until the launch is queued
-    if (grad_scale.has_value()) {
-      scale_t = grad_scale->to(params[0].device(), at::kFloat);
-      scale_ptr = scale_t.data_ptr<float>();
-    }
-    if (found_inf.has_value()) {
-      inf_t = found_inf->to(params[0].device(), at::kFloat);
-      inf_ptr = inf_t.data_ptr<float>();
-    }
-    if (grad_clip.has_value()) {
-      clip_t = grad_clip->to(params[0].device(), at::kFloat);
-      clip_ptr = clip_t.data_ptr<float>();
-    }
+    // Kept alive until the launch is queued.
+    const DeviceScalar scale(grad_scale, params[0].device()), inf(found_inf, params[0].device()),
+        clip(grad_clip, params[0].device());
     auto stream = c10::cuda::getCurrentCUDAStream(params[0].device().index());
     RESFAST_DISPATCH_STORAGE_TYPES(params[0].scalar_type(), "resfast_optim_cuda", [&] {
       multi_tensor_update<scalar_t, N, Math><<<static_cast<unsigned>(chunks), kCudaThreads, 0, stream>>>(
-          table.data_ptr<int64_t>(), work.n_rows, coef.data_ptr<float>(), scale_ptr, inf_ptr, clip_ptr, maximize,
-          math);
+          table.data_ptr<int64_t>(), work.n_rows, coef.data_ptr<float>(), scale.data(), inf.data(), clip.data(),
+          maximize, math);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // LARS: two launches over one work table with adaptation (the norms, then the update), one without.
+  static void lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize, const LarsMath& math) {
+    const at::TensorList params = lists[0];
+    if (params.empty()) return;
+    WorkTable work = build_work_table<3>(lists, kCudaChunk);
+    if (work.n_chunks == 0) return;
+    TORCH_CHECK(work.n_chunks < (int64_t(1) << 31), "resfast: too many chunks for one launch: ", work.n_chunks);
+    const at::Device device = params[0].device();
+    const c10::cuda::CUDAGuard guard(device);
+    auto [table, chunks] = table_cache().get(std::move(work.rows), work.n_chunks, device);
+    const DeviceScalar scale(grad_scale, device), inf(found_inf, device), clip(grad_clip, device);
+    // One row of two floats (a SumSq) per chunk, from the caching allocator (a captured graph's pool
+    // while capturing): no launch, no synchronisation.
+    at::Tensor parts;
+    if (adaptation) parts = at::empty({chunks, 2}, at::TensorOptions(at::kFloat).device(device));
+    SumSq* parts_ptr = adaptation ? reinterpret_cast<SumSq*>(parts.data_ptr<float>()) : nullptr;
+    auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+    const auto blocks = static_cast<unsigned>(chunks);
+    RESFAST_DISPATCH_STORAGE_TYPES(params[0].scalar_type(), "resfast_lars_cuda", [&] {
+      if (adaptation) {
+        lars_norms<scalar_t><<<blocks, kCudaThreads, 0, stream>>>(table.data_ptr<int64_t>(), work.n_rows,
+                                                                   scale.data(), inf.data(), parts_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      lars_update<scalar_t><<<blocks, kCudaThreads, 0, stream>>>(table.data_ptr<int64_t>(), work.n_rows,
+                                                                  coef.data_ptr<float>(), parts_ptr, scale.data(),
+                                                                  inf.data(), clip.data(), maximize, math);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
 };
 

@@ -15,7 +15,7 @@ import resfast._C  # registers torch.ops.resfast.*
 from resfast.kernels.fused_optim import FusedCall, FusedUpdates
 from resfast.kernels.optim_spec import SPECS
 
-__all__ = ["adagrad", "adam", "count_steps", "launch", "ops", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "count_steps", "lars", "launch", "ops", "rmsprop", "sgd"]
 
 ops = _ops = torch.ops.resfast
 
@@ -23,7 +23,7 @@ ops = _ops = torch.ops.resfast
 def _register_fakes() -> None:
     """Fake (meta) implementations: the update ops only mutate their inputs, so tracing needs nothing
     else; the coefficient ops return a new [len(steps), columns] float32 table on the counters' device."""
-    for name in ("sgd_", "rmsprop_", "adagrad_", "adam_", "count_steps_"):
+    for name in ("sgd_", "rmsprop_", "adagrad_", "adam_", "lars_", "count_steps_"):
         torch.library.register_fake(f"resfast::{name}")(lambda *args, **kwargs: None)
     for name, op in (("adam_coef", "adam"), ("adagrad_coef", "adagrad")):
         columns = len(SPECS[op].columns)
@@ -71,6 +71,7 @@ def launch(call: FusedCall) -> None:
     )  # fmt: skip
 
 
-# The four updates, with resfast.kernels.reference_optim's signatures.
+# The five updates, with resfast.kernels.reference_optim's signatures.
 _updates = FusedUpdates(launch)
 sgd, rmsprop, adagrad, adam = _updates.sgd, _updates.rmsprop, _updates.adagrad, _updates.adam
+lars = _updates.lars

@@ -5,9 +5,10 @@ torch.optim has no LARS, so this class is written on :class:`torch.optim.Optimiz
 shape of resfast's SGD: construction validates every group before anything exists, and the step is
 resfast's fused one (:class:`~resfast.optim._base.FusedStep`). The update (its maths:
 :func:`resfast.kernels.reference_optim.lars`) needs each tensor's norms before any of its elements
-changes; the Triton backend computes them in one launch per bucket and updates in a second, with no
-host sync. The native backends have no LARS kernels yet: ``auto`` picks Triton on CUDA and the
-reference on the CPU.
+changes: the fused backends reduce them in a first pass over the whole bucket and update in a second
+(on a GPU, two launches per bucket with no host sync; the Triton and CUDA kernels alike), in a fixed
+order, so a step repeats bit for bit. ``auto`` picks as for the other optimizers: the CUDA kernels on a
+GPU, the C++ ones on the CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from torch.optim.optimizer import ParamsT
 from resfast import backends
 from resfast.kernels.optim_spec import SPECS
 from resfast.optim._base import Batch, FusedStep
-from resfast.optim._layout import kernel_view
 
 __all__ = ["LARS", "lars_param_groups"]
 
@@ -77,10 +77,10 @@ class LARS(FusedStep, torch.optim.Optimizer):
 
     ``lars_adaptation`` is a param-group key (default True); :func:`lars_param_groups` builds the usual
     groups. ``maximize`` negates the grad first. GradScaler's scale is removed before the norms are
-    taken, and a step it skips changes no param or buffer. ``backend``: ``"auto"``, ``"triton"`` or
-    ``"reference"`` (the native ``"cpu"``/``"cuda"`` backends have no LARS kernels yet). The step never
-    synchronises with the host on the Triton backend. ``max_grad_norm``: clipping inside the step, as
-    for :class:`resfast.optim.SGD`.
+    taken, and a step it skips changes no param or buffer. ``backend``: as for resfast's other
+    optimizers (``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"``, ``"reference"``). On a GPU the step never
+    synchronises with the host (Triton and CUDA backends). ``max_grad_norm``: clipping inside the step,
+    as for :class:`resfast.optim.SGD` (the trust ratio sees the clipped grad's norm).
     """
 
     _spec = SPECS["lars"]
@@ -111,12 +111,7 @@ class LARS(FusedStep, torch.optim.Optimizer):
             "lars_adaptation": True,
         }
         _check_group(defaults)
-        backend = backends.validate(backend)
-        if backend not in ("auto", *backends.LARS_BACKENDS):
-            raise backends.BackendUnavailable(
-                f"backend {backend!r} has no LARS kernels yet (the native extension does not implement "
-                f"LARS); choose one of {', '.join(('auto', *backends.LARS_BACKENDS))}"
-            )
+        backends.validate(backend)  # with the hyperparameters: before torch builds any group
         super().__init__(params, defaults)
         self._init_backend(backend, max_grad_norm=max_grad_norm)
 
@@ -124,11 +119,6 @@ class LARS(FusedStep, torch.optim.Optimizer):
         # Every group is checked with the defaults it will inherit, before torch adds it.
         _check_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
-
-    def _choose_backend(self, p: Tensor) -> str:
-        return backends.choose(
-            p.device, kernel_view(p).dtype, self.backend, implemented=backends.LARS_BACKENDS, op="LARS"
-        )
 
     def _new_state(self, group: dict[str, Any], p: Tensor, key: str) -> Tensor:
         return torch.zeros_like(p, memory_format=torch.preserve_format)

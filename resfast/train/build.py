@@ -84,13 +84,10 @@ def _choose(device: torch.device, requested: str, setting: str, **kwargs: Any) -
 def optimizer_backend(cfg: Config, device: torch.device) -> str | None:
     """The resfast backend the optimizer runs on fp32 params of ``device`` (None for --impl torch).
 
-    Asking here, before training, turns an unavailable ``--backend`` (or one without LARS kernels, for
-    --optimizer lars) into an error that says why.
+    Asking here, before training, turns an unavailable ``--backend`` into an error that says why.
     """
     if cfg.impl == "torch":
         return None
-    if cfg.optimizer == "lars":
-        return _choose(device, cfg.backend, "--backend", implemented=backends.LARS_BACKENDS, op="LARS")
     return _choose(device, cfg.backend, "--backend")
 
 
