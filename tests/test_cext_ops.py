@@ -50,6 +50,11 @@ def _cases():
             ops.lars_.default,
             (p, g, buf, lars_coef, torch.tensor(4.0), torch.tensor(0.0), True, True, True, False),
         ),
+        "lars_+grad_clip": (
+            ops.lars_.default,
+            (p, g, buf, lars_coef, None, None, True, True, False, False, torch.tensor(0.5)),
+        ),
+        "total_norm": (ops.total_norm.default, ([p[0], g[3].bfloat16()],)),
         "count_steps_": (ops.count_steps_.default, (steps, torch.tensor([0.0]))),
         "adam_coef": (ops.adam_coef.default, (steps, torch.tensor(0.01), 0.0, 0.9, 0.999, 1e-8, 0.1, 2)),
         "adagrad_coef": (ops.adagrad_coef.default, (steps, None, 0.01, 0.1, 0.0, 1e-10)),
@@ -59,8 +64,8 @@ def _cases():
 @pytest.mark.parametrize(
     "name",
     [
-        *("sgd_", "rmsprop_", "adagrad_", "adam_", "lars_", "sgd_+grad_clip"),
-        *("count_steps_", "adam_coef", "adagrad_coef"),
+        *("sgd_", "rmsprop_", "adagrad_", "adam_", "lars_", "sgd_+grad_clip", "lars_+grad_clip"),
+        *("total_norm", "count_steps_", "adam_coef", "adagrad_coef"),
     ],
 )
 def test_opcheck(name):

@@ -68,9 +68,18 @@ def _prepared_on_host(ops: _OpsOnHost) -> type:
         def __init__(self, op: str, params: list, states: list, **options) -> None:
             self.op, self.params, self.states, self.options = f"{op}_", params, states, options
 
-        def run(self, grads, coef, grad_scale, found_inf) -> None:
+        def run(self, grads, coef, grad_scale, found_inf, grad_clip=None) -> None:
             op = getattr(ops, self.op)
-            op(self.params, grads, *self.states, coef, grad_scale, found_inf, **self.options)
+            op(
+                self.params,
+                grads,
+                *self.states,
+                coef,
+                grad_scale,
+                found_inf,
+                **self.options,
+                grad_clip=grad_clip,
+            )
 
     return PreparedOnHost
 

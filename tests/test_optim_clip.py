@@ -321,3 +321,57 @@ def test_params_on_two_devices_share_one_norm():
     theirs.step()
     for a, b in zip(params, twins, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# The native CPU norm (resfast._C's total_norm), which the step uses for CPU grads.
+NATIVE = backends.native_runs("cpu")
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the native extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_native_total_norm_is_torchs_norm_in_torchs_dtype(dtype):
+    """Odd sizes, an empty tensor, a transposed (dense) and a sliced (not dense) view, and a tensor of
+    several chunks; the result is torch's get_total_norm's dtype, within rounding of the float64 norm."""
+    from resfast.kernels import cext
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in [(0,), (1,), (7, 3), (40000,)]
+    ]
+    tensors += [
+        torch.randn(5, 9, generator=gen).to(dtype).t(),
+        torch.randn(6, 10, generator=gen).to(dtype)[:, 1::3],
+    ]
+    want = torch.linalg.vector_norm(torch.cat([t.double().reshape(-1) for t in tensors]))
+    got = cext.total_norm(tensors)
+    assert got.dtype == torch.nn.utils.get_total_norm(tensors).dtype == dtype and got.shape == ()
+    # The sums run in float64: one rounding of the exact norm to a 16- or 32-bit dtype; for float64
+    # itself, the sum's own rounding over ~40K terms in a few accumulators (a few ulps; 16 allowed).
+    ulps = 16 if dtype == torch.float64 else 1
+    assert abs(got.double() - want).item() <= ulps * torch.finfo(dtype).eps * want.item()
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the native extension")
+def test_native_total_norm_is_deterministic_and_propagates_inf_and_nan():
+    from resfast.kernels import cext
+
+    tensors = [torch.randn(70000), torch.randn(3), torch.randn(100000)]
+    threads = torch.get_num_threads()
+    try:
+        norms = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            norms.append(cext.total_norm(tensors))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(norms[0], norms[1])
+    tensors[1][2] = float("inf")
+    assert cext.total_norm(tensors).isinf()
+    tensors[0][5] = float("nan")
+    assert cext.total_norm(tensors).isnan()
+    # A mix of dtypes promotes as torch does; sparse and integer tensors are refused.
+    assert cext.total_norm([torch.ones(2, dtype=torch.bfloat16), torch.ones(2)]).dtype == torch.float32
+    with pytest.raises(RuntimeError, match="float32/float64/bfloat16/float16"):
+        cext.total_norm([torch.ones(2, dtype=torch.int64)])
+    with pytest.raises(NotImplementedError, match="SparseCPU"):  # the dispatcher's own refusal
+        cext.total_norm([torch.ones(2).to_sparse()])

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -213,7 +214,91 @@ struct CpuSteps {
   }
 };
 
+// Sum of squares of `count` elements, in double: four accumulators for instruction-level parallelism
+// (a double sum of fp32 squares does not round away what torch's fp32 norm keeps).
+template <typename T>
+double sum_of_squares(const T* data, int64_t count) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    for (int k = 0; k < 4; ++k) {
+      const double v = static_cast<double>(static_cast<float>(data[i + k]));
+      acc[k] += v * v;
+    }
+  }
+  for (; i < count; ++i) {
+    const double v = static_cast<double>(static_cast<float>(data[i]));
+    acc[0] += v * v;
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <>
+double sum_of_squares(const double* data, int64_t count) {
+  double acc[4] = {0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 4 <= count; i += 4) {
+    for (int k = 0; k < 4; ++k) acc[k] += data[i + k] * data[i + k];
+  }
+  for (; i < count; ++i) acc[0] += data[i] * data[i];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 }  // namespace
+
+// The L2 norm of all `tensors` together (as torch.nn.utils.get_total_norm computes it, in the dtype it
+// returns: their promoted dtype), in one call: torch's CPU foreach norm dispatches one norm per tensor
+// (~3 us each: 0.5 ms for ResNet-50's 161 tensors). Sums of squares per chunk in double, run in parallel
+// and added in chunk order, so the result does not depend on the thread count.
+at::Tensor total_norm(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "resfast: total_norm: no tensors");
+  at::ScalarType dtype = tensors[0].scalar_type();
+  std::vector<at::Tensor> dense;  // the tensors, or contiguous copies of those that are not one span
+  dense.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided, "resfast: total_norm takes strided CPU tensors");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16 ||
+                    t.scalar_type() == at::kHalf,
+                "resfast: total_norm takes float32/float64/bfloat16/float16 tensors, got ", t.scalar_type());
+    dtype = at::promote_types(dtype, t.scalar_type());
+    dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  }
+  struct Piece {
+    const void* data;
+    at::ScalarType dtype;
+    int64_t begin, end;
+  };
+  std::vector<Piece> pieces;
+  int64_t elements = 0;
+  for (const at::Tensor& t : dense) {
+    // A non-overlapping, dense tensor's elements fill [data_ptr, data_ptr + numel) in some order: the
+    // order does not matter to a sum.
+    for (int64_t begin = 0; begin < t.numel(); begin += kChunk) {
+      pieces.push_back({t.const_data_ptr(), t.scalar_type(), begin, std::min(begin + kChunk, t.numel())});
+    }
+    elements += t.numel();
+  }
+  std::vector<double> partial(pieces.size());
+  const auto n = static_cast<int64_t>(pieces.size());
+  const int64_t grain = elements < kMinParallelElements ? std::max<int64_t>(n, 1) : 1;
+  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const Piece& piece = pieces[i];
+      const int64_t count = piece.end - piece.begin;
+      switch (piece.dtype) {
+        case at::kDouble: partial[i] = sum_of_squares(static_cast<const double*>(piece.data) + piece.begin, count); break;
+        case at::kBFloat16:
+          partial[i] = sum_of_squares(static_cast<const c10::BFloat16*>(piece.data) + piece.begin, count);
+          break;
+        case at::kHalf: partial[i] = sum_of_squares(static_cast<const c10::Half*>(piece.data) + piece.begin, count); break;
+        default: partial[i] = sum_of_squares(static_cast<const float*>(piece.data) + piece.begin, count); break;
+      }
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return at::scalar_tensor(std::sqrt(total), at::TensorOptions(at::kDouble)).to(dtype);
+}
 
 const char* kernel_isa_name() {
   switch (selected_isa()) {
@@ -226,7 +311,12 @@ const char* kernel_isa_name() {
 }  // namespace cpu
 }  // namespace resfast
 
+TORCH_LIBRARY_FRAGMENT(resfast, m) {
+  m.def("total_norm(Tensor[] tensors) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("total_norm", &resfast::cpu::total_norm);
   RESFAST_REGISTER_OPTIM_OPS(m, resfast::cpu::CpuBackend);
   RESFAST_REGISTER_STEP_OPS(m, resfast::cpu::CpuSteps);
 }

@@ -8,6 +8,8 @@ this module loads the extension; ``resfast.backends`` only routes here when it l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -15,7 +17,7 @@ import resfast._C  # registers torch.ops.resfast.*
 from resfast.kernels.fused_optim import FusedCall, FusedUpdates
 from resfast.kernels.optim_spec import SPECS
 
-__all__ = ["adagrad", "adam", "count_steps", "lars", "launch", "ops", "rmsprop", "sgd"]
+__all__ = ["adagrad", "adam", "count_steps", "lars", "launch", "ops", "rmsprop", "sgd", "total_norm"]
 
 ops = _ops = torch.ops.resfast
 
@@ -33,6 +35,11 @@ def _register_fakes() -> None:
             )
         )
 
+    @torch.library.register_fake("resfast::total_norm")
+    def _(tensors: list[Tensor]) -> Tensor:
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        return torch.empty((), dtype=dtype, device=tensors[0].device)
+
 
 _register_fakes()
 
@@ -41,6 +48,12 @@ def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     """steps[i] += 1 for every one-element step counter (CPU: a loop; CUDA: one launch), unless
     found_inf (one element, on the counters' device; a CPU one on the CPU) is nonzero."""
     _ops.count_steps_(steps, found_inf)
+
+
+def total_norm(tensors: list[Tensor]) -> Tensor:
+    """The L2 norm of all CPU `tensors` together, as torch.nn.utils.get_total_norm computes it (in their
+    promoted dtype), in one native call instead of one norm per tensor."""
+    return _ops.total_norm(tensors)
 
 
 def launch(call: FusedCall) -> None:
