@@ -193,8 +193,14 @@ ULPS = 4
 FP32_TOL = 1e-4
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    return max(ULPS * eps(dtype), FP32_TOL)
+# Clipping rows: torch's fp32 norm on the CPU accumulates in fp32 (measured 2.9e-4 relative error over
+# 2^23 elements; resfast's native CPU norm sums in double), and every clipped value carries the norm's
+# error. 1e-3 covers that and still flags an update 0.1% off.
+CLIP_TOL = 1e-3
+
+
+def tolerance(dtype: torch.dtype, clipped: bool = False) -> float:
+    return max(ULPS * eps(dtype), CLIP_TOL if clipped else FP32_TOL)
 
 
 def magnitude(want: Tensor, initial: Tensor | None) -> float:
@@ -267,7 +273,11 @@ def snapshot(opt: torch.optim.Optimizer, params: Sequence[Tensor]) -> dict[str, 
 
 
 def compare(
-    got: Mapping[str, Tensor], want: Mapping[str, Tensor], initial: Mapping[str, Tensor], dtype: torch.dtype
+    got: Mapping[str, Tensor],
+    want: Mapping[str, Tensor],
+    initial: Mapping[str, Tensor],
+    dtype: torch.dtype,
+    clipped: bool = False,
 ) -> str | None:
     """None if `got` matches the reference within the tolerance (step counters exactly), else what
     differs. `initial` holds the params' values before the steps (states start from zero)."""
@@ -278,7 +288,7 @@ def compare(
     for k in want:
         scale = magnitude(want[k], initial.get(k)) or 1.0
         errors[k] = max_abs_err(got[k], want[k]) / scale
-        bounds[k] = 0.0 if k.endswith(".step") else tolerance(dtype)
+        bounds[k] = 0.0 if k.endswith(".step") else tolerance(dtype, clipped)
     return failures(errors, bounds)
 
 
@@ -367,7 +377,8 @@ def trial(case: Case, build: Builder, ctx: Context) -> Trial:
         for _ in range(CHECK_STEPS):
             built.step()
         initial = {f"p{i}": p for i, p in enumerate(case.params)}
-        return compare(snapshot(built.opt, params), case.reference, initial, case.dtype)
+        clipped = case.spec.max_grad_norm is not None
+        return compare(snapshot(built.opt, params), case.reference, initial, case.dtype, clipped)
 
     return Trial(step=built.step, check=check, describe=built.describe)
 
@@ -512,7 +523,8 @@ def _header_lines(ctx: Context, sets: Mapping[str, ParamSet], dtypes: Sequence[t
         )
     lines.append(
         f"check: {CHECK_STEPS} steps from identical state vs resfast's reference backend, every param and "
-        f"state within max({ULPS} eps(dtype), {FP32_TOL:g}) of its magnitude (see bench_optim.tolerance); "
+        f"state within max({ULPS} eps(dtype), {FP32_TOL:g}; {CLIP_TOL:g} for +clip rows) of its magnitude "
+        "(see bench_optim.tolerance); "
         "bytes/element = (3 + 2 x states + norm reads) x itemsize"
     )
     return lines
