@@ -1,9 +1,9 @@
 """The native kernels of the fused BatchNorm + add + ReLU (`resfast.kernels.native_bn`): the CPU
-driver (csrc/cpu/bn.cpp) and the CUDA driver's logic run on the host (csrc/cuda/bn.cu's host side and
-kernel bodies, compiled for the CPU as torch.ops.resfast_cuda_on_host.native_bn_*; its GPU-specific
-cases are in test_bn_cuda_kernel_on_host.py): against the specification (`reference_bn`) evaluated in
-float64, over shapes x layouts x dtypes x train/eval x residual/none; the ops under opcheck and
-torch.compile; the call count of a layer; refusals.
+driver (csrc/cpu/bn.cpp) and the CUDA driver's logic run on the host (the host side and kernel bodies
+of csrc/cuda/bn.cu, compiled for the CPU as torch.ops.resfast_cuda_on_host.native_bn_*; the same
+kernels on a GPU: test_bn_cuda.py): against the specification (`reference_bn`) evaluated in float64,
+over shapes x layouts x dtypes x train/eval x residual/none; the ops under opcheck and torch.compile;
+the call count of a layer; refusals.
 
 Tolerance (the rule of tests/test_bn_add_relu.py, `assert_close_to_float64`): each output's error
 against the float64 specification is at most 2x the specification's own error when run in the
@@ -255,20 +255,23 @@ def test_ops_refuse_bad_inputs_with_clear_errors(driver, call, pattern: str) -> 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_non_finite_values_in_the_vector_body_and_the_tail(driver, layout: str, value: float) -> None:
-    """A non-finite x in a full SIMD vector and one in a scalar tail: each poisons exactly its own
-    channel's statistics and outputs, as in torch (19 channels, 37 spatial values: both kinds of
-    element exist in either layout)."""
-    x = make((2, 19, 37), torch.float32, layout, torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("shape", [(2, 19, 37), (2, 16, 40)], ids=["odd", "whole-vectors"])
+def test_non_finite_values_in_the_vector_body_and_the_tail(driver, shape, layout: str, value: float) -> None:
+    """A non-finite x in the first and in the last element of the data: each poisons exactly its own
+    channel's statistics and outputs, as in torch. 19 channels of 37 spatial values: in either layout
+    the first is in a full CPU SIMD vector and the last in a scalar tail (the CUDA driver reads them
+    with scalar accesses); 16 channels of 40: 16-byte vectors of the CUDA driver in either layout."""
+    x = make(shape, torch.float32, layout, torch.Generator().manual_seed(5))
+    last = shape[1] - 1
     x[0, 0, 0] = value  # channels-last: vector lane 0; channels-first: vector lane 0 of run (0, 0)
-    x[1, 18, 36] = value  # the last channel (a tail lane when channels are innermost) and run's tail
+    x[-1, -1, -1] = value  # the last channel (a tail lane when channels are innermost) and run's tail
     mean, var = driver.batch_stats(x, None, None, 0.1)
     ref_mean, ref_var = reference_bn.batch_stats(x, None, None, 0.1)
     assert torch.equal(mean.isfinite(), ref_mean.isfinite()) and torch.equal(var.isnan(), ref_var.isnan())
     y = driver.forward(x, None, None, None, mean, var, 1e-5)
     y_torch = torch.relu(F.batch_norm(x, None, None, training=True))
     assert torch.equal(y.isnan(), y_torch.isnan())
-    assert y[:, [0, 18]].isnan().all() and not y[:, 1:18].isnan().any()
+    assert y[:, [0, last]].isnan().all() and not y[:, 1:last].isnan().any()
 
 
 def test_bitwise_reproducible_and_independent_of_threads() -> None:

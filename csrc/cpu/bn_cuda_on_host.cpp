@@ -2,10 +2,10 @@
 // for the host, as the ops torch.ops.resfast_cuda_on_host.native_bn_* on CPU tensors: a verification
 // aid, not a backend. Each launch runs its blocks one after another, and in a block every thread of a
 // phase before the next phase (the GPU's barriers), over the same plan, vector/scalar choice, partial
-// results and ticket counters as the GPU; tests/test_bn_cuda_kernel_on_host.py checks them against
-// the specification. The blocks run in reverse order, so the block that merges a group's partial
-// results (the last to take a ticket) is its first chunk's, where on the GPU it is usually a late one:
-// the merge must not depend on which block it is.
+// results and ticket counters as the GPU; tests/test_bn_native.py checks them against the
+// specification on every case it runs the CPU driver on. The blocks run in reverse order, so the
+// block that merges a group's partial results (the last to take a ticket) is its first chunk's,
+// where on the GPU it is usually a late one: the merge must not depend on which block it is.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
