@@ -66,6 +66,7 @@ def _extension_kwargs() -> dict:
         "csrc/cpu/bn.cpp",
         "csrc/cpu/bn_avx2.cpp",
         "csrc/cpu/bn_avx512.cpp",
+        "csrc/cpu/bn_cuda_on_host.cpp",
     ]
     # No -std flag: torch's build helper passes the standard the installed torch needs (C++17 or 20).
     # -fno-math-errno: nothing reads errno, and it lets the compiler vectorise sqrt in the baseline build.
@@ -77,7 +78,7 @@ def _extension_kwargs() -> dict:
     link_args = _openmp_flags(torch)
     nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME and os.path.exists(nvcc):
-        sources.append("csrc/cuda/optim.cu")
+        sources += ["csrc/cuda/optim.cu", "csrc/cuda/bn.cu"]
         extension = cpp_extension.CUDAExtension(
             "resfast._C",
             sources,

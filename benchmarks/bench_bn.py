@@ -253,7 +253,7 @@ def _compiled(ctx: Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
 
 
 def _resfast(ctx: Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
-    # A backend without BN kernels (the native ones, for now) passes here and says so when called.
+    # A backend that cannot run these tensors (resfast-cuda on a CPU, ...) says why when called.
     ctx.require_backend(backend, dtype)
 
     def op(x: Tensor, r: Tensor | None, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:

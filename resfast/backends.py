@@ -95,9 +95,14 @@ KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
         "cpu": _native_optim,
         "cuda": _native_optim,
     },
-    # batch_stats, forward, backward, grad_input. The native extension has CPU BN kernels only (no
-    # CUDA driver yet), so `cuda` is absent here and `auto` on a GPU picks triton.
-    "batch_norm_add_relu": {"reference": _reference_bn, "triton": _triton_bn, "cpu": _native_bn},
+    # batch_stats, forward, backward, grad_input. One native module for both devices: its ops dispatch
+    # on the tensors' device (csrc/cpu/bn.cpp, csrc/cuda/bn.cu).
+    "batch_norm_add_relu": {
+        "reference": _reference_bn,
+        "triton": _triton_bn,
+        "cpu": _native_bn,
+        "cuda": _native_bn,
+    },
 }
 
 
@@ -207,6 +212,11 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | No
 
 # `auto`'s order of preference per device type: the first one that can run wins.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Ops whose order differs. The fused BN on a GPU prefers Triton to the CUDA C++ driver: neither has
+# been timed on a GPU yet, the Triton kernels are the ones whose tests have run on a GPU's compiler
+# (tests/test_triton_sm90.py), and the CUDA driver's logic has run only on the host. `cuda` is an
+# explicit choice until benchmarks/bench_bn.py has compared the two on a GPU.
+_AUTO_ORDER_BY_OP = {"batch_norm_add_relu": {"cuda": ("triton", "cuda", "reference")}}
 
 
 def _status(
@@ -222,7 +232,8 @@ def _choose(
     device: torch.device, dtype: torch.dtype, requested: str, implemented: tuple[str, ...], op: str
 ) -> str:
     if requested == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        order = _AUTO_ORDER_BY_OP.get(op, _AUTO_ORDER).get(device.type) or _AUTO_ORDER.get(device.type)
+        for candidate in order or ("reference",):
             if candidate in implemented and _why_not(candidate, device, dtype) is None:
                 return candidate
         raise AssertionError("reference is always available")
@@ -310,16 +321,16 @@ def info() -> Info:
         report[ENV_VAR] = f"{override!r} (replaces auto)"
     # What auto picks, per kind of work: the optimizers' dtypes, their low-precision modes, the BN.
     kinds = {
-        "optimizers": (torch.float32, ops["optimizers"]),
-        "float64/complex": (torch.float64, ops["optimizers"]),
-        "master_weights/bf16_stochastic_rounding": (torch.bfloat16, LOW_PRECISION_BACKENDS),
-        "batch_norm_add_relu": (torch.float32, ops["batch_norm_add_relu"]),
+        "optimizers": (torch.float32, ops["optimizers"], "optimizer"),
+        "float64/complex": (torch.float64, ops["optimizers"], "optimizer"),
+        "master_weights/bf16_stochastic_rounding": (torch.bfloat16, LOW_PRECISION_BACKENDS, "optimizer"),
+        "batch_norm_add_relu": (torch.float32, ops["batch_norm_add_relu"], "batch_norm_add_relu"),
     }
     for device in devices:
         picks = []
-        for kind, (dtype, implemented) in kinds.items():
+        for kind, (dtype, implemented, op) in kinds.items():
             try:
-                picks.append(f"{kind}: {choose(device, dtype, 'auto', implemented=implemented)}")
+                picks.append(f"{kind}: {choose(device, dtype, 'auto', implemented=implemented, op=op)}")
             except (ValueError, BackendUnavailable) as e:  # RESFAST_BACKEND names a backend unfit here
                 picks.append(f"{kind}: none ({e})")
         report[f"auto on {device.type}"] = "; ".join(picks)

@@ -63,6 +63,22 @@ def test_info_reports_every_backend_per_op_and_prints_once(capsys):
     assert str(report) == repr(report)
 
 
+def test_auto_on_cuda_prefers_triton_for_the_fused_bn():
+    """The fused BN's CUDA C++ driver is an explicit choice until a GPU has timed it against Triton;
+    the optimizers' auto order is unchanged. Nothing here touches a GPU: only the order is asked."""
+    bn = {"implemented": backends.implementing("batch_norm_add_relu"), "op": "batch_norm_add_relu"}
+    try:
+        triton_runs = backends.choose("cuda", torch.float32, "triton", **bn) == "triton"
+    except backends.BackendUnavailable:
+        triton_runs = False
+    native_cuda = backends.native_runs("cuda")
+    expected = "triton" if triton_runs else ("cuda" if native_cuda else "reference")
+    assert backends.choose("cuda", torch.float32, "auto", **bn) == expected
+    if native_cuda:
+        assert backends.choose("cuda", torch.float32, "auto") == "cuda"  # the optimizers
+        assert backends.choose("cuda", torch.float32, "cuda", **bn) == "cuda"
+
+
 @pytest.mark.skipif(backends.native_extension()[0] is None, reason="native extension not built")
 def test_info_names_the_cpu_kernels_instruction_set():
     isa = backends.native_extension()[0].cpu_kernel_isa()

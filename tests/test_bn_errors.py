@@ -147,12 +147,16 @@ def test_functional_errors(_, changes, error, pattern) -> None:
     assert torch.equal(running_mean, torch.zeros(3)) and torch.equal(running_var, torch.ones(3))
 
 
-def test_backends_without_kernels_for_this_op() -> None:
-    """auto skips backends with no kernels for this op (the native extension has optimizer kernels for
-    CUDA but no BN driver there); asking for one explicitly says why it cannot."""
+def test_backends_that_cannot_run_these_tensors() -> None:
+    """auto picks a backend that can run CPU tensors; asking for the native CUDA one (which has BN
+    kernels, for CUDA tensors) with CPU tensors says why it cannot."""
     x = torch.randn(2, 3, 2, 2)
     expected = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
     torch.testing.assert_close(batch_norm_add_relu(x, None, None, None, training=True), expected)
-    assert "cuda" not in implementing("batch_norm_add_relu")
-    with pytest.raises(BackendUnavailable, match="no batch_norm_add_relu kernels"):
+    assert "cuda" in implementing("batch_norm_add_relu")
+    with pytest.raises(
+        BackendUnavailable,
+        match=r"cannot run torch\.float32 tensors on cpu: the cuda backend runs CUDA tensors",
+    ) as e:
         batch_norm_add_relu(x, None, None, None, training=True, backend="cuda")
+    assert "no batch_norm_add_relu kernels" not in str(e.value)

@@ -7,10 +7,7 @@
 //   training forward: statistics read x (1 E); normalise reads x and residual, writes y (3 E).
 //   backward: pass 1 reads dy, y, x and writes dz = dresidual (4 E); pass 2 reads dz (and x when
 //   training) and writes dx (3 E). Writing dz in pass 1 lets pass 2 read it instead of dy and y.
-// A tensor is read in place when its memory-contiguous axis is the plan's (channels-first: spatial,
-// channels-last: channels); otherwise (rare: an expanded gradient, a strided crop) it is first copied
-// into the plan's layout. Outputs have at::empty_like(x)'s layout, which the fake implementations
-// promise torch.compile.
+// Checks and layouts (shared with the CUDA driver) are csrc/bn_host.h.
 #include "bn.h"
 
 #include <ATen/Parallel.h>
@@ -20,12 +17,19 @@
 #include <string>
 #include <vector>
 
+#include "../bn_host.h"
 #include "bn_kernels_impl.h"
 #include "optim_kernels.h"  // kernel_isa_name: the instruction set the optimizer kernels chose
 
 namespace resfast::cpu {
 
 namespace {
+
+using bn::check_activation;
+using bn::check_like;
+using bn::fp32;
+using bn::Layout;
+using bn::Output;
 
 // The build of the kernels for the instruction set the optimizer kernels (and torch) run.
 const BnKernels& kernels() {
@@ -44,83 +48,6 @@ const BnKernels& kernels() {
 // for every thread at its end would cost more than the work.
 constexpr int64_t kMinParallelElements = 1 << 15;
 
-// (batch, flattened spatial, channel) element strides of t seen as (N, C, S); nullopt when its spatial
-// dims cannot be flattened into one stride. Size-1 dims are skipped: their stride is arbitrary.
-std::optional<std::array<int64_t, 3>> flat_strides(const at::Tensor& t) {
-  int64_t stride_s = 1, outer_stride = 0;
-  bool first = true;
-  for (int64_t d = 2; d < t.dim(); ++d) {
-    if (t.size(d) == 1) continue;
-    if (!first && outer_stride != t.size(d) * t.stride(d)) return std::nullopt;
-    outer_stride = t.stride(d);
-    stride_s = t.stride(d);
-    first = false;
-  }
-  return std::array<int64_t, 3>{t.stride(0), stride_s, t.stride(1)};
-}
-
-// The layout every tensor of a call is walked in (bn_plan.h): decided by x, with the element counts.
-struct Layout {
-  int64_t N, C, S;
-  bool channels_last;
-
-  // Whether t can be walked in place: flattenable, with stride 1 along the inner axis (any stride
-  // when that axis has one element).
-  bool fits(const at::Tensor& t) const {
-    const auto f = flat_strides(t);
-    if (!f) return false;
-    return channels_last ? ((*f)[2] == 1 || C == 1) : ((*f)[1] == 1 || S == 1);
-  }
-
-  // A fresh dense tensor of `like`'s shape and dtype in this layout.
-  at::Tensor empty(const at::Tensor& like) const {
-    if (!channels_last) return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
-    std::vector<int64_t> sizes{like.size(0)};
-    for (int64_t d = 2; d < like.dim(); ++d) sizes.push_back(like.size(d));
-    sizes.push_back(like.size(1));
-    return at::empty(sizes, like.options()).movedim(-1, 1);
-  }
-
-  // t itself when it fits, else a copy that does.
-  at::Tensor conform(const at::Tensor& t) const { return fits(t) ? t : empty(t).copy_(t); }
-
-  bn::Operand operand(const at::Tensor& t) const {
-    const auto f = flat_strides(t);
-    TORCH_INTERNAL_ASSERT(f.has_value() && fits(t), "resfast: a BN operand does not fit the plan");
-    return bn::Operand{t.data_ptr(), (*f)[0], (*f)[1], (*f)[2]};
-  }
-
-  bn::Plan plan() const { return bn::make_plan(N, C, S, channels_last); }
-};
-
-// x's layout: runs along space when spatial positions are contiguous (NCHW), channels innermost when
-// channels are (channels_last, (N, C)); any other x is copied contiguous first.
-Layout layout_of(at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = N * C == 0 ? 0 : x.numel() / (N * C);
-  if (const auto f = flat_strides(x)) {
-    if (S > 1 && (*f)[1] == 1) return Layout{N, C, S, false};
-    if ((*f)[2] == 1 || C == 1) return Layout{N, C, S, true};
-  }
-  x = x.contiguous();
-  return Layout{N, C, S, S <= 1};
-}
-
-// An output: `out` is at::empty_like(x) (what the op promises); `target` is what the kernels write,
-// out itself or, when out cannot be walked in the plan's layout, a tensor copied into out afterwards.
-struct Output {
-  at::Tensor out, target;
-
-  Output(const at::Tensor& x, const Layout& layout) : out(at::empty_like(x)) {
-    target = layout.fits(out) ? out : layout.empty(x);
-  }
-
-  at::Tensor finish() {
-    if (!target.is_same(out)) out.copy_(target);
-    return out;
-  }
-};
-
 Storage storage_of(const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kBFloat16: return Storage::BFloat16;
@@ -138,39 +65,6 @@ void run_items(void (*kernel)(const Job&, int64_t, int64_t), const Job& job, int
   if (elements < kMinParallelElements) return kernel(job, 0, items);
   at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) { kernel(job, first, last); });
 }
-
-// ---- checks: the ops are public (torch.ops.resfast.*), so every assumption is an error message ----
-
-void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), "resfast::", op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, "resfast::", op, ": ", name, " must be a strided tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              "resfast::", op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() >= 2, "resfast::", op, ": ", name, " must have at least 2 dims (N, C, ...), got shape ",
-              t.sizes());
-}
-
-// A tensor of x's shape and dtype (residual, dy, y, dz).
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device().is_cpu() && t.layout() == at::kStrided, "resfast::", op, ": ", name,
-              " must be a strided CPU tensor");
-  TORCH_CHECK(t.sizes() == x.sizes(), "resfast::", op, ": ", name, " has shape ", t.sizes(),
-              " but x has shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "resfast::", op, ": ", name, " has dtype ", t.scalar_type(),
-              " but x has ", x.scalar_type());
-}
-
-// A per-channel tensor of C values of any floating dtype.
-void check_channels(const char* op, const char* name, const at::Tensor& t, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu(), "resfast::", op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "resfast::", op, ": ", name, " must have shape (", C,
-              ",) for x's ", C, " channels, got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "resfast::", op, ": ", name,
-              " must be floating point, got ", t.scalar_type());
-}
-
-// A per-channel tensor as a contiguous fp32 tensor (itself when it is one already).
-at::Tensor fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // C values: t's as fp32, or `fill` when t is absent.
 std::vector<float> channel_values(const std::optional<at::Tensor>& t, int64_t C, float fill) {
@@ -205,18 +99,16 @@ void for_each_channel_parallel(int64_t C, int64_t work_per_channel, F&& f) {
 std::tuple<at::Tensor, at::Tensor> bn_stats_(const at::Tensor& x_in, const std::optional<at::Tensor>& running_mean,
                                              const std::optional<at::Tensor>& running_var, double momentum) {
   constexpr const char* op = "native_bn_stats_";
-  check_activation(op, "x", x_in);
+  check_activation(op, "x", x_in, c10::DeviceType::CPU);
   const int64_t C = x_in.size(1);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "resfast::", op,
               ": running_mean and running_var must both be given or both be None");
   if (running_mean.has_value()) {
-    check_channels(op, "running_mean", *running_mean, C);
-    check_channels(op, "running_var", *running_var, C);
+    bn::check_channels(op, "running_mean", *running_mean, x_in);
+    bn::check_channels(op, "running_var", *running_var, x_in);
   }
   const int64_t M = C == 0 ? 0 : x_in.numel() / C;
-  // torch.nn.functional.batch_norm's refusal, word for word (its ValueError, and its torch.Size repr).
-  TORCH_CHECK_VALUE(M != 1, "Expected more than 1 value per channel when training, got input size torch.Size(",
-                    x_in.sizes(), ")");
+  bn::check_values_per_channel(x_in, M);
   const at::TensorOptions f32 = x_in.options().dtype(at::kFloat);
   at::Tensor mean = at::empty({C}, f32), var = at::empty({C}, f32);
   if (M == 0) {
@@ -226,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_(const at::Tensor& x_in, const std::
     return {mean, var};
   }
   at::Tensor x = x_in;
-  const Layout layout = layout_of(x);
+  const Layout layout = bn::layout_of(x);
   const bn::Plan plan = layout.plan();
   std::vector<float> partial_mean(C * plan.chunks), partial_m2(C * plan.chunks);
   const BnStatsJob job{plan, storage_of(x), layout.operand(x), partial_mean.data(), partial_m2.data()};
@@ -260,17 +152,17 @@ at::Tensor bn_forward(const at::Tensor& x_in, const std::optional<at::Tensor>& r
                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                       const at::Tensor& mean, const at::Tensor& var, double eps) {
   constexpr const char* op = "native_bn_forward";
-  check_activation(op, "x", x_in);
+  check_activation(op, "x", x_in, c10::DeviceType::CPU);
   const int64_t C = x_in.size(1);
   if (residual.has_value()) check_like(op, "residual", *residual, x_in);
-  if (weight.has_value()) check_channels(op, "weight", *weight, C);
-  if (bias.has_value()) check_channels(op, "bias", *bias, C);
-  check_channels(op, "mean", mean, C);
-  check_channels(op, "var", var, C);
+  if (weight.has_value()) bn::check_channels(op, "weight", *weight, x_in);
+  if (bias.has_value()) bn::check_channels(op, "bias", *bias, x_in);
+  bn::check_channels(op, "mean", mean, x_in);
+  bn::check_channels(op, "var", var, x_in);
   if (x_in.numel() == 0) return at::empty_like(x_in);
 
   at::Tensor x = x_in;
-  const Layout layout = layout_of(x);
+  const Layout layout = bn::layout_of(x);
   // Per channel: y = relu((x - mean) * scale + bias + residual), scale = weight / sqrt(var + eps).
   std::vector<float> mean_v = channel_values(mean, C, 0.f), scale = channel_values(var, C, 0.f);
   const std::vector<float> weight_v = channel_values(weight, C, 1.f), bias_v = channel_values(bias, C, 0.f);
@@ -312,13 +204,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& y_in, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& var, double eps, bool training, bool need_dx) {
   constexpr const char* op = "native_bn_backward";
-  check_activation(op, "x", x_in);
+  check_activation(op, "x", x_in, c10::DeviceType::CPU);
   const int64_t C = x_in.size(1);
   check_like(op, "dy", dy_in, x_in);
   check_like(op, "y", y_in, x_in);
-  if (weight.has_value()) check_channels(op, "weight", *weight, C);
-  check_channels(op, "mean", mean, C);
-  check_channels(op, "var", var, C);
+  if (weight.has_value()) bn::check_channels(op, "weight", *weight, x_in);
+  bn::check_channels(op, "mean", mean, x_in);
+  bn::check_channels(op, "var", var, x_in);
   const at::TensorOptions f32 = x_in.options().dtype(at::kFloat);
   at::Tensor dweight = at::empty({C}, f32), dbias = at::empty({C}, f32);
   if (x_in.numel() == 0) {
@@ -328,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
   }
 
   at::Tensor x = x_in;
-  const Layout layout = layout_of(x);
+  const Layout layout = bn::layout_of(x);
   const bn::Plan plan = layout.plan();
   const at::Tensor dy = layout.conform(dy_in), y = layout.conform(y_in);
   const std::vector<float> mean_v = channel_values(mean, C, 0.f), var_v = channel_values(var, C, 0.f);
@@ -380,20 +272,20 @@ at::Tensor bn_grad_input(const at::Tensor& dz_in, const at::Tensor& x_in, const 
                          const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& sum_dz,
                          const at::Tensor& sum_dz_xhat, const at::Tensor& count) {
   constexpr const char* op = "native_bn_grad_input";
-  check_activation(op, "x", x_in);
+  check_activation(op, "x", x_in, c10::DeviceType::CPU);
   const int64_t C = x_in.size(1);
   check_like(op, "dz", dz_in, x_in);
-  if (weight.has_value()) check_channels(op, "weight", *weight, C);
-  check_channels(op, "mean", mean, C);
-  check_channels(op, "var", var, C);
-  check_channels(op, "sum_dz", sum_dz, C);
-  check_channels(op, "sum_dz_xhat", sum_dz_xhat, C);
+  if (weight.has_value()) bn::check_channels(op, "weight", *weight, x_in);
+  bn::check_channels(op, "mean", mean, x_in);
+  bn::check_channels(op, "var", var, x_in);
+  bn::check_channels(op, "sum_dz", sum_dz, x_in);
+  bn::check_channels(op, "sum_dz_xhat", sum_dz_xhat, x_in);
   TORCH_CHECK(count.device().is_cpu() && (count.numel() == 1 || (count.dim() == 1 && count.size(0) == C)),
               "resfast::", op, ": count must be a CPU tensor of 1 or ", C, " values, got shape ", count.sizes());
   if (x_in.numel() == 0) return at::empty_like(x_in);
 
   at::Tensor x = x_in;
-  const Layout layout = layout_of(x);
+  const Layout layout = bn::layout_of(x);
   const at::Tensor dz = layout.conform(dz_in);
   const std::vector<float> mean_v = channel_values(mean, C, 0.f), var_v = channel_values(var, C, 0.f);
   const std::vector<float> weight_v = channel_values(weight, C, 1.f);

@@ -10,21 +10,10 @@
 
 #include "../multi_tensor_update.h"
 #include "../optim_ops.h"
+#include "host_fma.h"
 
 namespace resfast {
 namespace {
-
-// The GPU fuses a * b + c into one fused multiply-add (nvcc's default --fmad=true), and so must this
-// host build, or results differ wherever a sum nearly cancels (weight decay against the gradient).
-// x86 compilers use FMA only when told the CPU has it: the launch is compiled for FMA and runs only
-// where the CPU has it; other CPUs (aarch64) have it in their base instruction set.
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define RESFAST_HOST_FMA __attribute__((target("fma")))
-bool host_has_fma() { return __builtin_cpu_supports("fma"); }
-#else
-#define RESFAST_HOST_FMA
-bool host_has_fma() { return true; }
-#endif
 
 // block_sum of csrc/cuda/optim.cu on the host: the threads' values v[0..kCudaThreads) added in the
 // order multi_tensor_update.h fixes (halving within each warp, then over the warps' sums).

@@ -1,10 +1,12 @@
-"""The native ``cpu`` backend of ``y = relu(batch_norm(x) + residual)``: C++ kernels (``csrc/cpu/bn.cpp``,
-maths in ``csrc/bn_math.h``) behind the ops ``torch.ops.resfast.native_bn_*``.
+"""The native ``cpu`` and ``cuda`` backends of ``y = relu(batch_norm(x) + residual)``: C++ kernels
+(``csrc/cpu/bn.cpp`` for CPU tensors, ``csrc/cuda/bn.cu`` for CUDA ones; maths in ``csrc/bn_math.h``)
+behind the ops ``torch.ops.resfast.native_bn_*``, which dispatch on the tensors' device.
 
 Same functions, arguments and results as `reference_bn` (the specification). Each function is one
 native call, so a layer's training forward is two calls (statistics, then normalise) and its
 backward one (both passes, the per-channel sums merged in between); nothing is computed in Python per
-call. Importing this module loads the extension; `resfast.backends` only routes here when it loaded.
+call (on CUDA: one kernel launch per call, two for the backward). Importing this module loads the
+extension; `resfast.backends` only routes here when it loaded.
 """
 
 from __future__ import annotations
@@ -25,28 +27,33 @@ _grad_input = _ops.native_bn_grad_input.default
 
 
 # Fake implementations: outputs as the C++ ops allocate them (at::empty_like(x) for activations, fp32
-# (C,) statistics), so that torch.compile can trace the ops and opcheck can compare.
-@torch.library.register_fake("resfast::native_bn_stats_")
-def _(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float):
+# (C,) statistics), so that torch.compile can trace the ops and opcheck can compare. The same ops are
+# also registered in `resfast_cuda_on_host`: the CUDA driver compiled for the host, which the CPU tests
+# run (csrc/cpu/bn_cuda_on_host.cpp).
+def _stats_fake(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, momentum: float):
     mean = x.new_empty(x.shape[1], dtype=torch.float32)
     return mean, torch.empty_like(mean)
 
 
-@torch.library.register_fake("resfast::native_bn_forward")
-def _(x: Tensor, residual, weight, bias, mean, var, eps):
+def _forward_fake(x: Tensor, residual, weight, bias, mean, var, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("resfast::native_bn_backward")
-def _(dy: Tensor, x: Tensor, y, weight, mean, var, eps, training, need_dx):
+def _backward_fake(dy: Tensor, x: Tensor, y, weight, mean, var, eps, training, need_dx):
     dweight = x.new_empty(x.shape[1], dtype=torch.float32)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     return dx, torch.empty_like(x), dweight, torch.empty_like(dweight)
 
 
-@torch.library.register_fake("resfast::native_bn_grad_input")
-def _(dz: Tensor, x: Tensor, weight, mean, var, eps, sum_dz, sum_dz_xhat, count):
+def _grad_input_fake(dz: Tensor, x: Tensor, weight, mean, var, eps, sum_dz, sum_dz_xhat, count):
     return torch.empty_like(x)
+
+
+for _namespace in ("resfast", "resfast_cuda_on_host"):
+    torch.library.register_fake(f"{_namespace}::native_bn_stats_")(_stats_fake)
+    torch.library.register_fake(f"{_namespace}::native_bn_forward")(_forward_fake)
+    torch.library.register_fake(f"{_namespace}::native_bn_backward")(_backward_fake)
+    torch.library.register_fake(f"{_namespace}::native_bn_grad_input")(_grad_input_fake)
 
 
 def batch_stats(
