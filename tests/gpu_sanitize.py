@@ -1,8 +1,8 @@
 """A short workload for compute-sanitizer memcheck on a GPU machine (`benchmarks/gpu_check.sh`, step
 `sanitize`): every optimizer case on the `cuda` and `triton` backends over odd sizes, an empty tensor,
 misaligned views and ResNet-50's 161 tensors, a GradScaler step with an inf, LARS (norm pass and update)
-and max_grad_norm's clipping, and the Triton BN on a few shapes, forward
-and backward. The sanitizer finds out-of-bounds and misaligned accesses; this
+and max_grad_norm's clipping, and the BN (CUDA C++ driver and Triton) on a few
+shapes, forward and backward. The sanitizer finds out-of-bounds and misaligned accesses; this
 script also compares every result with the reference backend, so that a kernel that reads the wrong
 memory without leaving its buffers fails here too.
 
@@ -167,11 +167,12 @@ def check_bn() -> list[str]:
             skipped.append(f"BN {shape} {layout} {dtype} residual={residual}")
             continue
         want = bn_outputs(shape, layout, dtype, residual, "reference")
-        err = worst_error(bn_outputs(shape, layout, dtype, residual, BACKENDS[-1]), want)
-        # bf16 outputs are rounded once (2**-8 relative); fp32 statistics and reductions in
-        # another order: 1e-4 of the magnitude.
-        if err > (2**-6 if dtype == torch.bfloat16 else 1e-4):
-            failures.append(f"BN {shape} {layout} {dtype} residual={residual}: error {err:.3g}")
+        for backend in BACKENDS:  # the CUDA C++ driver and the Triton kernels
+            err = worst_error(bn_outputs(shape, layout, dtype, residual, backend), want)
+            # bf16 outputs are rounded once (2**-8 relative); fp32 statistics and reductions in
+            # another order: 1e-4 of the magnitude.
+            if err > (2**-6 if dtype == torch.bfloat16 else 1e-4):
+                failures.append(f"BN {backend} {shape} {layout} {dtype} residual={residual}: error {err:.3g}")
     return failures
 
 
