@@ -8,6 +8,7 @@
 #include <torch/version.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <iterator>
 #include <optional>
@@ -26,18 +27,23 @@ TORCH_LIBRARY(resfast, m) {
 
 namespace resfast {
 
-// A kept kernel call of the optimizers' step cache (resfast/optim/_step_cache.py): its params, state
-// lists and flags stay on the C++ side, so that a step converts only its grads from Python (each tensor
-// list costs ~0.1 us per tensor to convert) and reaches the op through a typed dispatcher call, the
-// same kernels and checks as torch.ops.resfast.<op>_.
+// A kept kernel call of the optimizers' step cache (resfast/optim/_step_cache.py): its params and state
+// lists stay on the C++ side, and each step it reads its params' grads itself (load), so that a step
+// converts no tensor list from Python (each costs ~0.1 us per tensor, and reading `p.grad` from Python
+// creates a Python object for every fresh grad). It reaches the op through a typed dispatcher call: the
+// same kernels and checks as torch.ops.resfast.<op>_. The op's flags come with each run, as the group's
+// options may change between steps.
+// The params are held as their Python objects, and their tensors taken from them at each run: a C++
+// reference to a param's tensor would make torch.utils.swap_tensors refuse it (nn.Module conversions
+// under swap_module_params_on_conversion). (Internal linkage: it holds pybind11 objects, whose
+// namespace is hidden.)
+namespace {
 class PreparedUpdate {
  public:
   using States = std::vector<std::vector<at::Tensor>>;
 
-  PreparedUpdate(std::string op, std::vector<at::Tensor> params, States states, bool has_wd, bool nesterov,
-                 bool maximize, int64_t wd_mode, bool lars_adaptation)
-      : op_(std::move(op)), params_(std::move(params)), states_(std::move(states)), has_wd_(has_wd),
-        nesterov_(nesterov), maximize_(maximize), lars_adaptation_(lars_adaptation), wd_mode_(wd_mode) {
+  PreparedUpdate(std::string op, const pybind11::list& params, States states)
+      : op_(std::move(op)), states_(std::move(states)) {
     const size_t want = op_ == "sgd"       ? 1
                         : op_ == "rmsprop" ? 3
                         : op_ == "adagrad" ? 1
@@ -47,10 +53,53 @@ class PreparedUpdate {
     TORCH_CHECK(want != 0, "resfast: PreparedUpdate: unknown op '", op_, "'");
     TORCH_CHECK(states_.size() == want, "resfast: PreparedUpdate: ", op_, " takes ", want, " state lists, got ",
                 states_.size());
+    for (const pybind11::handle item : params) {
+      TORCH_CHECK(THPVariable_Check(item.ptr()), "resfast: PreparedUpdate: params must be tensors");
+      objects_.push_back(pybind11::reinterpret_borrow<pybind11::object>(item));
+      addresses_.push_back(THPVariable_Unpack(item.ptr()).data_ptr());
+    }
   }
 
-  void run(const std::vector<at::Tensor>& grads, const at::Tensor& coef, const std::optional<at::Tensor>& grad_scale,
-           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) const {
+  // This step's grads, read from the params, if the call still fits: `params` (the param group's list)
+  // holds exactly this call's param objects, each still at the address it had (`p.data = ...`, a cast, a
+  // move or torch.utils.swap_tensors change it), and every grad is strided and shares its param's dtype,
+  // device, shape and strides. Else false, and nothing is kept. The C++ twin of
+  // resfast.optim._layout.grads_fit for a call that owns its whole group.
+  bool load(const pybind11::handle& params) {
+    loaded_.reset();
+    PyObject* list = params.ptr();
+    if (!PyList_Check(list) || PyList_GET_SIZE(list) != static_cast<Py_ssize_t>(objects_.size())) return false;
+    std::vector<at::Tensor> grads;
+    grads.reserve(objects_.size());
+    for (size_t i = 0; i < objects_.size(); ++i) {
+      PyObject* item = PyList_GET_ITEM(list, static_cast<Py_ssize_t>(i));
+      if (item != objects_[i].ptr()) return false;
+      const at::Tensor& p = THPVariable_Unpack(item);
+      if (p.data_ptr() != addresses_[i]) return false;
+      const at::Tensor& grad = p.grad();
+      if (!grad.defined() || grad.layout() != at::kStrided || !same_span(p, grad)) return false;
+      grads.push_back(grad);
+    }
+    loaded_ = std::move(grads);
+    return true;
+  }
+
+  // Forget loaded grads that will not run (a step that raised before its update): they hold memory.
+  void unload() { loaded_.reset(); }
+
+  // One update with this step's `grads`, or (None) the loaded ones, which it releases.
+  void run(std::optional<std::vector<at::Tensor>> grads, const at::Tensor& coef,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           const std::optional<at::Tensor>& grad_clip, bool has_wd, bool nesterov, bool maximize, int64_t wd_mode,
+           bool lars_adaptation) {
+    if (!grads.has_value()) {
+      TORCH_CHECK(loaded_.has_value(), "resfast: PreparedUpdate.run: no grads given and none loaded");
+      grads.swap(loaded_);
+    }
+    const std::vector<at::Tensor>& g = *grads;
+    std::vector<at::Tensor> params;
+    params.reserve(objects_.size());
+    for (const pybind11::object& p : objects_) params.push_back(THPVariable_Unpack(p.ptr()));
     using Optional = const std::optional<at::Tensor>&;
     auto& dispatcher = c10::Dispatcher::singleton();
     const States& s = states_;
@@ -58,38 +107,38 @@ class PreparedUpdate {
       static auto op = dispatcher.findSchemaOrThrow("resfast::sgd_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
                                        Optional, bool, bool, bool, Optional)>();
-      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, nesterov_, maximize_, grad_clip);
+      op.call(params, g, s[0], coef, grad_scale, found_inf, has_wd, nesterov, maximize, grad_clip);
     } else if (op_ == "rmsprop") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::rmsprop_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                        const at::Tensor&, Optional, Optional, bool, bool, Optional)>();
-      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, has_wd_, maximize_, grad_clip);
+      op.call(params, g, s[0], s[1], s[2], coef, grad_scale, found_inf, has_wd, maximize, grad_clip);
     } else if (op_ == "adagrad") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::adagrad_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
                                        Optional, bool, bool, Optional)>();
-      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, maximize_, grad_clip);
+      op.call(params, g, s[0], coef, grad_scale, found_inf, has_wd, maximize, grad_clip);
     } else if (op_ == "lars") {
       static auto op = dispatcher.findSchemaOrThrow("resfast::lars_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, const at::Tensor&, Optional,
                                        Optional, bool, bool, bool, bool, Optional)>();
-      op.call(params_, grads, s[0], coef, grad_scale, found_inf, has_wd_, lars_adaptation_, nesterov_, maximize_,
-              grad_clip);
+      op.call(params, g, s[0], coef, grad_scale, found_inf, has_wd, lars_adaptation, nesterov, maximize, grad_clip);
     } else {
       static auto op = dispatcher.findSchemaOrThrow("resfast::adam_", "")
                            .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
                                        const at::Tensor&, Optional, Optional, int64_t, bool, Optional)>();
-      op.call(params_, grads, s[0], s[1], s[2], coef, grad_scale, found_inf, wd_mode_, maximize_, grad_clip);
+      op.call(params, g, s[0], s[1], s[2], coef, grad_scale, found_inf, wd_mode, maximize, grad_clip);
     }
   }
 
  private:
   std::string op_;
-  std::vector<at::Tensor> params_;
+  std::vector<pybind11::object> objects_;  // the params, as Python objects (see above)
+  std::vector<void*> addresses_;
   States states_;  // in the op's order; an absent state is an empty list
-  bool has_wd_, nesterov_, maximize_, lars_adaptation_;
-  int64_t wd_mode_;
+  std::optional<std::vector<at::Tensor>> loaded_;
 };
+}  // namespace
 
 }  // namespace resfast
 
@@ -109,14 +158,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Is every param still at its address, and every grad strided (and, with layout, laid out as its param)?");
   pybind11::class_<resfast::PreparedUpdate>(m, "PreparedUpdate",
                                              "An optimizer op's kernel call whose params and states stay here")
-      .def(pybind11::init<std::string, std::vector<at::Tensor>, resfast::PreparedUpdate::States, bool, bool, bool,
-                          int64_t, bool>(),
-           pybind11::arg("op"), pybind11::arg("params"), pybind11::arg("states"), pybind11::kw_only(),
-           pybind11::arg("has_wd") = false, pybind11::arg("nesterov") = false, pybind11::arg("maximize") = false,
-           pybind11::arg("wd_mode") = 0, pybind11::arg("lars_adaptation") = false)
-      .def("run", &resfast::PreparedUpdate::run, "One update with this step's grads and coefficients",
-           pybind11::arg("grads"), pybind11::arg("coef"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
-           pybind11::arg("grad_clip") = pybind11::none());
+      .def(pybind11::init<std::string, const pybind11::list&, resfast::PreparedUpdate::States>(),
+           pybind11::arg("op"), pybind11::arg("params"), pybind11::arg("states"))
+      .def("load", &resfast::PreparedUpdate::load,
+           "Read this step's grads from the params if the call still fits its group's `params` list")
+      .def("unload", &resfast::PreparedUpdate::unload, "Forget loaded grads that will not run")
+      .def("run", &resfast::PreparedUpdate::run,
+           "One update with this step's grads (None: the loaded ones), coefficients and flags", pybind11::arg("grads"),
+           pybind11::arg("coef"), pybind11::arg("grad_scale"), pybind11::arg("found_inf"),
+           pybind11::arg("grad_clip") = pybind11::none(), pybind11::kw_only(), pybind11::arg("has_wd") = false,
+           pybind11::arg("nesterov") = false, pybind11::arg("maximize") = false, pybind11::arg("wd_mode") = 0,
+           pybind11::arg("lars_adaptation") = false);
   m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
         "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
   // The coefficient columns each op reads, by name, and Adam's weight-decay modes (tests check them

@@ -162,7 +162,7 @@ def test_prepared_update_runs_the_op() -> None:
     coef = torch.rand(3, 7, generator=gen)
     p, g, m, v = made
     before = [t.clone() for t in p]
-    ext.PreparedUpdate("adam", p, [m, v, []], wd_mode=1, maximize=True).run(g, coef, None, None)
+    ext.PreparedUpdate("adam", p, [m, v, []]).run(g, coef, None, None, wd_mode=1, maximize=True)
     tp, tg, tm, tv = twins
     torch.ops.resfast.adam_(tp, tg, tm, tv, [], coef, None, None, wd_mode=1, maximize=True)
     for ours, theirs in zip(p + m + v, tp + tm + tv, strict=True):
@@ -184,8 +184,64 @@ def test_prepared_lars_update_runs_the_op() -> None:
         p, g, buf = ([t.clone() for t in ts] for ts in made)
         tp, tg, tbuf = ([t.clone() for t in ts] for ts in made)
         options = {"has_wd": True, "lars_adaptation": adaptation, "nesterov": True, "maximize": False}
-        ext.PreparedUpdate("lars", p, [buf], **options).run(g, coef, None, None)
+        ext.PreparedUpdate("lars", p, [buf]).run(g, coef, None, None, **options)
         torch.ops.resfast.lars_(tp, tg, tbuf, coef, None, None, **options)
         assert all(torch.equal(a, b) for a, b in zip(p + buf, tp + tbuf, strict=True))
         results.append(p)
     assert not torch.equal(results[0][0], results[1][0])
+
+
+def _sgd_call(n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """n params with grads (one 2-D, so strides matter) and SGD's coefficient table for them."""
+    from resfast.kernels import optim_coef
+
+    gen = torch.Generator().manual_seed(n)
+    params = [torch.randn(3, 4, generator=gen)] + [torch.randn(k, generator=gen) for k in range(1, n)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    coef = optim_coef.sgd(n, torch.device("cpu"), lr=0.5, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                          fresh=[False] * n)  # fmt: skip
+    return params, coef
+
+
+def test_prepared_update_loads_its_params_grads_and_runs_with_them() -> None:
+    """load reads each param's grad natively; run(None) updates with them, exactly as the op given the
+    grads does, and releases them (a second run(None) has none)."""
+    params, coef = _sgd_call(3)
+    twins = [p.clone() for p in params]
+    update = ext.PreparedUpdate("sgd", params, [[]])
+    assert update.load(params)
+    update.run(None, coef, None, None)
+    torch.ops.resfast.sgd_(twins, [p.grad for p in params], [], coef, None, None, False, False, False)
+    assert all(torch.equal(p, t) for p, t in zip(params, twins, strict=True))
+    with pytest.raises(RuntimeError, match="no grads given and none loaded"):
+        update.run(None, coef, None, None)
+
+
+def _swap(params: list[torch.Tensor]) -> None:
+    torch.utils.swap_tensors(params[1], params[1].detach().clone())
+
+
+# Each change makes a kept call's tensors stale or its grads unfit for the flat kernels.
+_UNFIT = {
+    "a tuple": lambda ps: tuple(ps),
+    "a param missing": lambda ps: ps[:-1],
+    "another param object": lambda ps: [ps[0], ps[1].clone(), ps[2]],
+    "a grad None": lambda ps: setattr(ps[2], "grad", None) or ps,
+    "a transposed grad": lambda ps: setattr(ps[0], "grad", ps[0].grad.t().contiguous().t()) or ps,
+    "a sparse grad": lambda ps: setattr(ps[1], "grad", ps[1].grad.to_sparse()) or ps,
+    "new storage (p.data = ...)": lambda ps: setattr(ps[2], "data", ps[2].data.clone()) or ps,
+    "a swapped tensor (torch.utils.swap_tensors)": lambda ps: _swap(ps) or ps,
+}
+
+
+@pytest.mark.parametrize("change", _UNFIT)
+def test_prepared_update_refuses_to_load_a_stale_or_unfit_call(change: str) -> None:
+    """load is false, and keeps nothing, for every change after which the kept call would update the wrong
+    tensors or could not take the grads; the same list before the change loads."""
+    params, coef = _sgd_call(3)
+    update = ext.PreparedUpdate("sgd", params, [[]])
+    assert update.load(params)  # loaded, then refused below: a refused load forgets the earlier grads too
+    assert not update.load(_UNFIT[change](params))
+    with pytest.raises(RuntimeError, match="none loaded"):
+        update.run(None, coef, None, None)

@@ -65,20 +65,32 @@ def _prepared_on_host(ops: _OpsOnHost) -> type:
     step's call is) with its op taken from `ops`: the C++ class would dispatch to torch.ops.resfast."""
 
     class PreparedOnHost:
-        def __init__(self, op: str, params: list, states: list, **options) -> None:
-            self.op, self.params, self.states, self.options = f"{op}_", params, states, options
+        def __init__(self, op: str, params: list, states: list) -> None:
+            self.op, self.params, self.states = f"{op}_", list(params), states
+            self.addresses, self.loaded = [p.data_ptr() for p in params], None
 
-        def run(self, grads, coef, grad_scale, found_inf, grad_clip=None) -> None:
-            op = getattr(ops, self.op)
-            op(
-                self.params,
-                grads,
-                *self.states,
-                coef,
-                grad_scale,
-                found_inf,
-                **self.options,
-                grad_clip=grad_clip,
+        def load(self, group_params: list) -> bool:
+            # The native load's rule, through resfast.optim._layout.grads_fit (the Python twin).
+            from resfast.optim._layout import grads_fit
+
+            grads = [p.grad for p in group_params]
+            fits = (
+                len(group_params) == len(self.params)
+                and all(a is b for a, b in zip(group_params, self.params, strict=True))
+                and None not in grads
+                and grads_fit(self.params, grads, self.addresses, layout=True)
+            )
+            self.loaded = grads if fits else None
+            return fits
+
+        def unload(self) -> None:
+            self.loaded = None
+
+        def run(self, grads, coef, grad_scale, found_inf, grad_clip=None, **options) -> None:
+            if grads is None:
+                grads, self.loaded = self.loaded, None
+            getattr(ops, self.op)(
+                self.params, grads, *self.states, coef, grad_scale, found_inf, **options, grad_clip=grad_clip
             )
 
     return PreparedOnHost

@@ -496,13 +496,9 @@ def test_native_cpu_runs_one_op_per_bucket(backend, monkeypatch):
             return lambda *args, **kw: calls.append(("op", kw["lars_adaptation"])) or op(*args, **kw)
 
     class _Prepared(resfast._C.PreparedUpdate):
-        def __init__(self, op, params, states, **options):
-            super().__init__(op, params, states, **options)
-            self.adaptation = options["lars_adaptation"]
-
-        def run(self, *args):
-            calls.append(("prepared", self.adaptation))
-            super().run(*args)
+        def run(self, *args, **options):
+            calls.append(("prepared", options["lars_adaptation"]))
+            super().run(*args, **options)
 
     monkeypatch.setattr(cext, "_ops", _Recording())
     monkeypatch.setattr(resfast._C, "PreparedUpdate", _Prepared)

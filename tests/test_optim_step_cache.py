@@ -143,7 +143,29 @@ def _assign_state(step, model, opt):
         opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
 
 
+def _swap_tensors(step, model, opt):
+    """torch.utils.swap_tensors (what nn.Module conversions do under torch.__future__'s
+    swap_module_params_on_conversion): each param object stays, the tensor behind it is another."""
+    if step == 2:
+        for p in model.parameters():
+            twin = nn.Parameter(p.detach().clone())
+            twin.grad = p.grad
+            torch.utils.swap_tensors(p, twin)
+
+
+def _replace_param(step, model, opt):
+    """A param replaced in the model and, at the same position, in its group's list."""
+    if step == 2:
+        old = model[0].bias
+        model[0].bias = nn.Parameter(old.detach() + 1)
+        model[0].bias.grad = old.grad.clone()
+        params = opt.param_groups[0]["params"]
+        params[next(i for i, p in enumerate(params) if p is old)] = model[0].bias
+
+
 SCENARIOS = {
+    "swap-tensors": _swap_tensors,
+    "param-replaced": _replace_param,
     "replace-storage": _replace_storage,
     "cast-round-trip": _cast_round_trip,
     "some-grads-none": _some_grads_none,
@@ -195,9 +217,10 @@ def _prepared(opt) -> list:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[name for name, _ in CASES])
-def test_a_kept_native_call_is_prepared_once_and_again_when_its_options_change(case):
-    """On the cpu backend a kept call's params and states stay in one PreparedUpdate across steps;
-    flipping `maximize` (an op flag) prepares a new one, and every step still matches torch's."""
+def test_a_kept_native_call_is_prepared_once_and_takes_option_changes(case):
+    """On the cpu backend a kept call's params and states stay in one PreparedUpdate across steps, which
+    reads the grads itself; flipping `maximize` (an op flag) reaches it (every step still matches
+    torch's)."""
     name, kwargs = case
     if "cpu" not in [b.values[0] for b in BACKENDS]:
         pytest.skip("resfast._C is not built")
@@ -215,10 +238,10 @@ def test_a_kept_native_call_is_prepared_once_and_again_when_its_options_change(c
         ref.step()
         seen.append(_prepared(opt))
         _assert_same([_snapshot(ref, list(twin.parameters()))], [_snapshot(opt, list(model.parameters()))])
-    # Steps 0-1 plan (the states are created at step 0); steps 2-3 reuse step 1's call and its update.
+    # Steps 0-1 plan (the states are created at step 0); steps 2-5 reuse step 1's call and its update.
     assert len(seen[2]) == 1 and seen[2][0] is not None
-    assert seen[3][0] is seen[2][0]
-    assert seen[4][0] is not seen[3][0] and seen[5][0] is seen[4][0]
+    assert all(later[0] is seen[2][0] for later in seen[3:])
+    assert opt._step_cache()._entries[id(opt.param_groups[0])].native is seen[2][0][1]
 
 
 def test_a_kept_triton_call_rebuilds_its_work_table_only_when_the_grads_move():
@@ -262,3 +285,27 @@ def _grads_in_place(model: nn.Module, step: int) -> None:
             p.grad = g
         else:
             p.grad.copy_(g)
+
+
+def test_a_step_that_raises_releases_the_grads_it_loaded():
+    """Group 0's native update reads its grads (the step cache's fast path) before group 1's plan raises:
+    the raise must release them (they would hold their memory until the next step) and change nothing."""
+    if "cpu" not in [b.values[0] for b in BACKENDS]:
+        pytest.skip("resfast._C is not built")
+    model = _model()
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+    opt = resfast.optim.Adam(groups, lr=0.01, backend="cpu")
+    for step in range(2):
+        _grads(model, step)
+        opt.step()
+    native = opt._step_cache()._entries[id(opt.param_groups[0])].native
+    assert native is not None  # the fast path serves group 0
+    _grads(model, 2)
+    opt.param_groups[1]["capturable"] = True  # refused on the CPU, when group 1 is planned again
+    before = _snapshot(opt, list(model.parameters()))
+    with pytest.raises(AssertionError, match="capturable=True"):
+        opt.step()
+    for (label, want), (_, got) in zip(before, _snapshot(opt, list(model.parameters())), strict=True):
+        assert torch.equal(got, want), label
+    with pytest.raises(RuntimeError, match="none loaded"):
+        native.run(None, torch.zeros(2, 7), None, None)

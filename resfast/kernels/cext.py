@@ -68,14 +68,18 @@ def launch(call: FusedCall) -> None:
         )
     lists = [[] if t is None else t for t in call.states]
     if call.kept is not None:
-        # A kept call: its params and states stay in a PreparedUpdate, so that each step converts only
-        # its grads (each tensor list costs ~0.1 us per tensor to hand to an op).
-        key = (tuple(t is None for t in call.states), tuple(call.options.items()))
+        # A kept call: its params and states stay in a PreparedUpdate, so that a step converts at most its
+        # grads (each tensor list costs ~0.1 us per tensor to hand to an op), and none where the step
+        # cache had the update read them itself (call.grads None: resfast/optim/_step_cache.py).
+        pattern = tuple(t is None for t in call.states)
         prepared = call.kept.get("native")
-        if prepared is None or prepared[0] != key:
-            update = resfast._C.PreparedUpdate(call.spec.op, call.params, lists, **call.options)
-            prepared = call.kept["native"] = (key, update)
-        prepared[1].run(call.grads, call.coef, call.grad_scale, call.found_inf, call.grad_clip)
+        if prepared is None or prepared[0] != pattern:
+            if call.grads is None:
+                raise RuntimeError("resfast: a kept call without grads must run its prepared update")
+            update = resfast._C.PreparedUpdate(call.spec.op, call.params, lists)
+            prepared = call.kept["native"] = (pattern, update)
+        update = prepared[1]
+        update.run(call.grads, call.coef, call.grad_scale, call.found_inf, call.grad_clip, **call.options)
         return
     op = getattr(_ops, f"{call.spec.op}_")
     op(

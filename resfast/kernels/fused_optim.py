@@ -28,7 +28,9 @@ class FusedCall:
 
     spec: OptimizerSpec
     params: list[Tensor]
-    grads: list[Tensor]
+    # None only for a kept call whose native update has read this step's grads itself (its `kept` store
+    # holds that update: resfast/optim/_step_cache.py)
+    grads: list[Tensor] | None
     states: list[list[Tensor] | None]  # in spec.states order; None: the option that makes it is off
     coef: Tensor  # the coefficient table, columns spec.columns
     options: dict[str, Any]  # the kernel flags, keyed by spec.options

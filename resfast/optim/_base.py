@@ -376,11 +376,16 @@ class FusedStep:
         # Nothing is cached while torch.compile traces the step: the traced graph is the reuse there.
         cache = None if torch.compiler.is_compiling() else self._step_cache()
         plans: list[list[Batch] | list[_Bucket]] = []
-        for group in self.param_groups:
-            batches = None
+        try:
+            for group in self.param_groups:
+                batches = None
+                if cache is not None:
+                    batches = cache.calls(group, self._state_keys(group), self.state)
+                plans.append(batches if batches is not None else self._plan(group))
+        except BaseException:
             if cache is not None:
-                batches = cache.calls(group, self._state_keys(group), self.state)
-            plans.append(batches if batches is not None else self._plan(group))
+                cache.unload()
+            raise
         # One seed per step for stochastic rounding, from torch's CPU generator (so torch.manual_seed
         # makes runs repeatable; no device sync). A CUDA graph would replay the captured seed.
         seed = int(torch.randint(0, 2**30, ()).item()) if self.bf16_stochastic_rounding else None

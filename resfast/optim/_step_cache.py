@@ -12,7 +12,10 @@ group's last step and, at the next one, reuses them with the new grads after che
   tensors (identity checks, at C speed);
 - one native check per call: each param still has the address it had (``p.data = ...``,
   ``model.to(dtype)`` or a move give it another), every grad is strided, and every grad of a fast
-  call has its param's dtype, device, shape and strides.
+  call has its param's dtype, device, shape and strides. Where one native call updates the whole
+  group (the usual case: one dtype, every param with a grad), the update reads the grads itself
+  (``resfast._C.PreparedUpdate.load``, which also checks the group's params are its own): no grad
+  crosses from C++ to Python and back.
 
 Anything else plans the step afresh, which also refreshes the cache. ``load_state_dict`` (through
 ``__setstate__``) and ``add_param_group`` empty it. Only steps that created no state are kept (SGD
@@ -47,7 +50,7 @@ class Batch:
     owners: list[Tensor]  # the params themselves: keys of the optimizer's state
     state_dicts: list[dict[str, Any]]  # their states (SGD deletes a skipped first step's buffers)
     params: list[Tensor]
-    grads: list[Tensor]
+    grads: list[Tensor] | None  # None: its kept native update has read this step's grads (StepCache.calls)
     states: dict[str, list[Tensor]]  # per state key, in kernel order
     steps: list[Tensor]
     masters: list[Tensor] | None  # fp32 master copies (mode MASTER)
@@ -75,6 +78,9 @@ class _Entry:
     tensors: list[Tensor]
     # Each call, where its params are among `ids`, and their addresses.
     calls: list[tuple[Batch, list[int], list[int]]]
+    # The native update (resfast._C.PreparedUpdate) of the group's one call, when that call updates every
+    # param of the group: it then checks the params and reads the grads itself.
+    native: Any = None
 
 
 class StepCache:
@@ -92,19 +98,8 @@ class StepCache:
         entry = self._entries.get(id(group))
         if entry is None or entry.group is not group:
             return None
-        params = group["params"]
-        grads = list(map(_GRAD, params))  # one pass over the params, at C speed
-        if all(map(operator.is_not, grads, itertools.repeat(None))):
-            with_grad = params
-        else:
-            with_grad = [p for p, g in zip(params, grads, strict=True) if g is not None]
-            grads = [g for g in grads if g is not None]
-        if (
-            entry.ids != tuple(map(id, with_grad))
-            or entry.keys != keys
-            or entry.capturable != bool(group.get("capturable"))
-            or entry.state != id(state)
-        ):
+        capturable = bool(group.get("capturable"))
+        if entry.keys != keys or entry.capturable != capturable or entry.state != id(state):
             return None
         # The same per-param state dicts, each still holding the same tensors (the user may assign a
         # new state tensor, or a new dict): identity checks at C speed, no per-tensor Python code.
@@ -112,6 +107,21 @@ class StepCache:
         if len(values) != len(entry.state_values) or not all(map(operator.is_, values, entry.state_values)):
             return None
         if not all(map(operator.is_, map(dict.get, entry.dicts, entry.keys_used), entry.tensors)):
+            return None
+        if entry.native is not None:
+            call = entry.calls[0][0]
+            if not entry.native.load(group["params"]):
+                return None
+            call.grads = None  # the native update runs with the grads it loaded
+            return [call]
+        params = group["params"]
+        grads = list(map(_GRAD, params))  # one pass over the params, at C speed
+        if all(map(operator.is_not, grads, itertools.repeat(None))):
+            with_grad = params
+        else:
+            with_grad = [p for p, g in zip(params, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if entry.ids != tuple(map(id, with_grad)):
             return None
         calls = []
         for call, positions, addresses in entry.calls:
@@ -122,6 +132,13 @@ class StepCache:
         for (call, _, _), call_grads in zip(entry.calls, calls, strict=True):
             call.grads = call_grads  # set only once every call fits: a refused step leaves them as they were
         return [call for call, _, _ in entry.calls]
+
+    def unload(self) -> None:
+        """Release the grads that native updates loaded for a step that will not run them (it raised
+        while planning another group): they would hold their memory until the next step."""
+        for entry in self._entries.values():
+            if entry.native is not None:
+                entry.native.unload()
 
     def keep(self, group: dict[str, Any], keys: tuple[str, ...], state: dict, calls: list[Batch]) -> None:
         """Keep a step's calls for the next step, when they may be reused (module docstring). A group
@@ -146,6 +163,10 @@ class StepCache:
             for d, t in zip(call.state_dicts, tensors, strict=False)
         ]
         position = {id(p): i for i, p in enumerate(with_grad)}
+        native = None
+        if len(calls) == 1 and len(calls[0].owners) == len(group["params"]):
+            prepared = calls[0].kept.get("native")  # resfast.kernels.cext.launch's, once it has run
+            native = None if prepared is None else prepared[1]
         self._entries[id(group)] = _Entry(
             group=group,
             ids=tuple(map(id, with_grad)),
@@ -160,4 +181,5 @@ class StepCache:
                 (call, [position[id(p)] for p in call.owners], [p.data_ptr() for p in call.params])
                 for call in calls
             ],
+            native=native,
         )
