@@ -14,6 +14,10 @@
 // kernel's two passes over it (the statistics' mean, then the squared deviations):
 // - channels-first: item = (channel c, chunk j of `chunk` consecutive q), items = C * chunks,
 //   numbered c * chunks + j, so one channel's partial results are consecutive.
+// - channels-first where one sample's C * S values fit an item ("sample-major", CIFAR's shapes): item =
+//   chunk j of whole samples, every channel; items = chunks. Its data is then one contiguous span, read
+//   in memory order, where one channel's runs of S values lie C * S apart (a stride that defeats the
+//   CPU's prefetchers when the runs are short).
 // - channels-last: item = chunk j of `chunk` consecutive positions, every channel; items = chunks.
 // Either way a reduction writes one partial result per (item, channel), at index
 // `partial_index(plan, j, c)`, and each channel's partials are merged in the order of j: the result
@@ -40,7 +44,11 @@ struct Plan {
   int64_t chunk;         // q values (channels-first) or positions (channels-last) per item
   int64_t chunks;        // chunks along q: items per channel (channels-first) or items (channels-last)
   int64_t items;         // work items in all
+  bool sample_major = false;  // channels-first items of whole samples, every channel (see above)
 };
+
+// Does an item hold every channel (channels-last, or sample-major), rather than one?
+C10_HOST_DEVICE inline bool items_span_channels(const Plan& p) { return p.channels_last || p.sample_major; }
 
 // Elements an item aims for: its passes over them stay in L1/L2 (64 KiB of fp32), and there are
 // enough items to spread over the cores at ResNet sizes.
@@ -50,26 +58,32 @@ C10_HOST_DEVICE inline Plan make_plan(int64_t N, int64_t C, int64_t S, bool chan
   Plan p{N, C, S, N * S, channels_last, 0, 0, 0};
   if (channels_last) {
     p.chunk = C >= kItemElements ? 1 : kItemElements / C;
+  } else if (C * S > 0 && C * S <= kItemElements) {
+    p.sample_major = true;
+    p.chunk = kItemElements / (C * S) * S;
   } else {
     p.chunk = kItemElements;
   }
   if (p.chunk > p.M) p.chunk = p.M > 0 ? p.M : 1;
   p.chunks = (p.M + p.chunk - 1) / p.chunk;
-  p.items = channels_last ? p.chunks : C * p.chunks;
+  p.items = items_span_channels(p) ? p.chunks : C * p.chunks;
   return p;
 }
 
-// The chunk along q of an item, and its channel (channels-first; 0 for channels-last).
+// The chunk along q of an item, and its channels [c, c_end) (channels-first: one, or every one when
+// sample-major; channels-last: c = 0, c_end = C).
 struct ItemRange {
-  int64_t j;       // chunk index
-  int64_t c;       // channel (channels-first)
-  int64_t q0, q1;  // outer indices [q0, q1)
+  int64_t j;         // chunk index
+  int64_t c, c_end;  // channels
+  int64_t q0, q1;    // outer indices [q0, q1)
 };
 
 C10_HOST_DEVICE inline ItemRange item_range(const Plan& p, int64_t item) {
   ItemRange r;
-  r.c = p.channels_last ? 0 : item / p.chunks;
-  r.j = p.channels_last ? item : item % p.chunks;
+  const bool all = items_span_channels(p);
+  r.c = all ? 0 : item / p.chunks;
+  r.c_end = all ? p.C : r.c + 1;
+  r.j = all ? item : item % p.chunks;
   r.q0 = r.j * p.chunk;
   r.q1 = r.q0 + p.chunk < p.M ? r.q0 + p.chunk : p.M;
   return r;
@@ -83,7 +97,7 @@ C10_HOST_DEVICE inline int64_t chunk_count(const Plan& p, int64_t j) {
 
 // Where the partial result of chunk j for channel c is stored (C * chunks of them).
 C10_HOST_DEVICE inline int64_t partial_index(const Plan& p, int64_t j, int64_t c) {
-  return p.channels_last ? j * p.C + c : c * p.chunks + j;
+  return items_span_channels(p) ? j * p.C + c : c * p.chunks + j;
 }
 
 // Element offset of (n, s, c) in an operand.

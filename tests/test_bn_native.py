@@ -50,7 +50,10 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # C = 1; N = 1; H = W = 1; 2-D and 3-D; odd sizes whose runs and channel rows end in a partial SIMD
 # vector (widths 8 and 16 fp32 values); the fewest values torch accepts in training (2); a 2-D batch
 # of many channels; and shapes of more than one work item per channel (16384 values: csrc/bn_plan.h)
-# with a partial last one, large enough to run on several threads.
+# with a partial last one, large enough to run on several threads. Channels-first shapes whose sample
+# holds at most 16384 values run sample-major (items of whole samples, every channel): (8, 40, 20, 20)
+# and (5, 3, 64, 64) one sample per item, (37, 16, 8, 8) 16 samples per item and a last item of 5;
+# the larger ones (3, 5, 101, 70), (2, 40, 33, 17) and (2, 32, 160, 160) run one channel per item.
 # Then for the CUDA driver's plan (csrc/bn_cuda_kernels.h): channels-first items of 16K values
 # (spatial size a multiple of 8: 16-byte vectors; two chunks per channel); channels-last tiles of 32
 # channels with a last tile overhanging C = 40; enough positions (51200) that a channels-last item
@@ -71,6 +74,7 @@ SHAPES = (
     (5, 3, 64, 64),
     (8, 40, 20, 20),
     (2, 32, 160, 160),
+    (37, 16, 8, 8),
     (64, 48),
     (7, 1),
 )
@@ -274,19 +278,20 @@ def test_non_finite_values_in_the_vector_body_and_the_tail(driver, shape, layout
     assert y[:, [0, last]].isnan().all() and not y[:, 1:last].isnan().any()
 
 
-def test_bitwise_reproducible_and_independent_of_threads() -> None:
+@pytest.mark.parametrize("shape", [(3, 5, 101, 70), (37, 16, 8, 8)], ids=["channel-items", "sample-major"])
+def test_bitwise_reproducible_and_independent_of_threads(shape) -> None:
     """The per-channel merge order is fixed by the shape (csrc/bn_plan.h): one thread or all give
     the same bits."""
     gen = torch.Generator().manual_seed(6)
-    shape = (3, 5, 101, 70)
+    C = shape[1]
     t = {
         "x": make(shape, torch.float32, "nchw", gen, 2.0),
         "residual": make(shape, torch.float32, "nchw", gen),
     }
-    t |= {"weight": torch.rand(5, generator=gen), "bias": torch.randn(5, generator=gen)}
+    t |= {"weight": torch.rand(C, generator=gen), "bias": torch.randn(C, generator=gen)}
     t |= {
-        "running_mean": torch.zeros(5),
-        "running_var": torch.ones(5),
+        "running_mean": torch.zeros(C),
+        "running_var": torch.ones(C),
         "dy": torch.randn(shape, generator=gen),
     }
     threads = torch.get_num_threads()

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "../bn_math.h"
 #include "bn_kernels.h"
@@ -87,6 +88,38 @@ inline void for_each_run(const bn::Plan& p, const bn::ItemRange& r, F&& f) {
   }
 }
 
+// Channels-first: f(n, s, len, c) for each run of each of the item's channels, in memory order (a
+// sample-major item's data is one contiguous span).
+template <typename F>
+inline void for_each_channel_run(const bn::Plan& p, const bn::ItemRange& r, F&& f) {
+  for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+    for (int64_t c = r.c; c < r.c_end; ++c) f(n, s, len, c);
+  });
+}
+
+// Per-channel accumulators of a channels-first item: one fp32 vector of lanes and one scalar tail per
+// channel, kept in memory between the item's runs (a sample-major item visits every channel per
+// sample). Lanes and tail add in the order a single register would, so a channel's sum depends on the
+// plan alone.
+class ChannelSums {
+ public:
+  explicit ChannelSums(int64_t channels) : lanes_(channels * kW), tails_(channels) {}
+  void reset(int64_t channels) {
+    std::fill(lanes_.begin(), lanes_.begin() + channels * kW, 0.f);
+    std::fill(tails_.begin(), tails_.begin() + channels, 0.f);
+  }
+  Vec lanes(int64_t i) const { return Vec::loadu(lanes_.data() + i * kW); }
+  void set_lanes(int64_t i, const Vec& v) { v.store(lanes_.data() + i * kW); }
+  float& tail(int64_t i) { return tails_[i]; }
+  float total(int64_t i) const { return hsum(lanes(i)) + tails_[i]; }
+
+ private:
+  std::vector<float> lanes_, tails_;
+};
+
+// How many channels a channels-first item holds at most (0 for channels-last: no ChannelSums needed).
+inline int64_t item_channels(const bn::Plan& p) { return p.channels_last ? 0 : p.sample_major ? p.C : 1; }
+
 // Channels-last: f(n, s) for each position of an item.
 template <typename F>
 inline void for_each_position(const bn::Plan& p, const bn::ItemRange& r, F&& f) {
@@ -110,25 +143,35 @@ inline T* ptr_at(const bn::Operand& o, int64_t n, int64_t s, int64_t c) {
 template <typename T>
 void stats_items(const BnStatsJob& job, int64_t first, int64_t last) {
   const bn::Plan& p = job.plan;
+  ChannelSums sums(item_channels(p)), squares(item_channels(p));
   for (int64_t item = first; item < last; ++item) {
     const bn::ItemRange r = bn::item_range(p, item);
     const float count = static_cast<float>(r.q1 - r.q0);
     if (!p.channels_last) {
-      // Pass 1: the item's mean; pass 2: squared deviations from it, over the same (cached) runs.
-      Vec acc(0.f);
-      float tail = 0.f;
-      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
-        const T* x = ptr_at<T>(job.x, n, s, r.c);
+      // Pass 1: each channel's mean over the item; pass 2: squared deviations from it, over the same
+      // (cached) runs.
+      const int64_t channels = r.c_end - r.c;
+      sums.reset(channels);
+      for_each_channel_run(p, r, [&](int64_t n, int64_t s, int64_t len, int64_t c) {
+        const T* x = ptr_at<T>(job.x, n, s, c);
+        const int64_t i = c - r.c;
+        Vec acc = sums.lanes(i);
+        float tail = sums.tail(i);
         int64_t k = 0;
         for (; k + kW <= len; k += kW) acc = acc + vload(x + k);
         for (; k < len; ++k) tail += sload(x + k);
+        sums.set_lanes(i, acc);
+        sums.tail(i) = tail;
       });
-      const float mean = (hsum(acc) + tail) / count;
-      const Vec vmean(mean);
-      Vec acc2(0.f);
-      float tail2 = 0.f;
-      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
-        const T* x = ptr_at<T>(job.x, n, s, r.c);
+      for (int64_t c = r.c; c < r.c_end; ++c) job.mean[bn::partial_index(p, r.j, c)] = sums.total(c - r.c) / count;
+      squares.reset(channels);
+      for_each_channel_run(p, r, [&](int64_t n, int64_t s, int64_t len, int64_t c) {
+        const T* x = ptr_at<T>(job.x, n, s, c);
+        const int64_t i = c - r.c;
+        const float mean = job.mean[bn::partial_index(p, r.j, c)];
+        const Vec vmean(mean);
+        Vec acc2 = squares.lanes(i);
+        float tail2 = squares.tail(i);
         int64_t k = 0;
         for (; k + kW <= len; k += kW) {
           const Vec d = vload(x + k) - vmean;
@@ -138,10 +181,10 @@ void stats_items(const BnStatsJob& job, int64_t first, int64_t last) {
           const float d = sload(x + k) - mean;
           tail2 += d * d;
         }
+        squares.set_lanes(i, acc2);
+        squares.tail(i) = tail2;
       });
-      const int64_t i = bn::partial_index(p, r.j, r.c);
-      job.mean[i] = mean;
-      job.m2[i] = hsum(acc2) + tail2;
+      for (int64_t c = r.c; c < r.c_end; ++c) job.m2[bn::partial_index(p, r.j, c)] = squares.total(c - r.c);
     } else {
       // The same two passes, every channel at once: the partial arrays are the accumulators.
       const int64_t C = p.C;
@@ -181,10 +224,9 @@ void apply_items(const BnApplyJob& job, int64_t first, int64_t last) {
   for (int64_t item = first; item < last; ++item) {
     const bn::ItemRange r = bn::item_range(p, item);
     if (!p.channels_last) {
-      const int64_t c = r.c;
-      const float mean = job.mean[c], scale = job.scale[c], bias = job.bias[c];
-      const Vec vmean(mean), vscale(scale), vbias(bias);
-      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+      for_each_channel_run(p, r, [&](int64_t n, int64_t s, int64_t len, int64_t c) {
+        const float mean = job.mean[c], scale = job.scale[c], bias = job.bias[c];
+        const Vec vmean(mean), vscale(scale), vbias(bias);
         const T* x = ptr_at<T>(job.x, n, s, c);
         T* y = ptr_at<T>(job.y, n, s, c);
         const T* res = kResidual ? ptr_at<T>(job.residual, n, s, c) : nullptr;
@@ -238,15 +280,19 @@ void apply_items(const BnApplyJob& job, int64_t first, int64_t last) {
 template <typename T>
 void grad_reduce_items(const BnGradReduceJob& job, int64_t first, int64_t last) {
   const bn::Plan& p = job.plan;
+  ChannelSums sum_dz(item_channels(p)), sum_dz_xc(item_channels(p));
   for (int64_t item = first; item < last; ++item) {
     const bn::ItemRange r = bn::item_range(p, item);
     if (!p.channels_last) {
-      const int64_t c = r.c;
-      const float mean = job.mean[c];
-      const Vec vmean(mean);
-      Vec acc_dz(0.f), acc_dz_xc(0.f);
-      float tail_dz = 0.f, tail_dz_xc = 0.f;
-      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+      const int64_t channels = r.c_end - r.c;
+      sum_dz.reset(channels);
+      sum_dz_xc.reset(channels);
+      for_each_channel_run(p, r, [&](int64_t n, int64_t s, int64_t len, int64_t c) {
+        const float mean = job.mean[c];
+        const Vec vmean(mean);
+        const int64_t i = c - r.c;
+        Vec acc_dz = sum_dz.lanes(i), acc_dz_xc = sum_dz_xc.lanes(i);
+        float tail_dz = sum_dz.tail(i), tail_dz_xc = sum_dz_xc.tail(i);
         const T* dy = ptr_at<T>(job.dy, n, s, c);
         const T* y = ptr_at<T>(job.y, n, s, c);
         const T* x = ptr_at<T>(job.x, n, s, c);
@@ -264,10 +310,16 @@ void grad_reduce_items(const BnGradReduceJob& job, int64_t first, int64_t last) 
           tail_dz += g;
           tail_dz_xc += g * (sload(x + k) - mean);
         }
+        sum_dz.set_lanes(i, acc_dz);
+        sum_dz_xc.set_lanes(i, acc_dz_xc);
+        sum_dz.tail(i) = tail_dz;
+        sum_dz_xc.tail(i) = tail_dz_xc;
       });
-      const int64_t i = bn::partial_index(p, r.j, c);
-      job.sum_dz[i] = hsum(acc_dz) + tail_dz;
-      job.sum_dz_xc[i] = hsum(acc_dz_xc) + tail_dz_xc;
+      for (int64_t c = r.c; c < r.c_end; ++c) {
+        const int64_t i = bn::partial_index(p, r.j, c);
+        job.sum_dz[i] = sum_dz.total(c - r.c);
+        job.sum_dz_xc[i] = sum_dz_xc.total(c - r.c);
+      }
     } else {
       const int64_t C = p.C;
       float* sum_dz = job.sum_dz + bn::partial_index(p, r.j, 0);
@@ -306,10 +358,9 @@ void grad_input_items(const BnGradInputJob& job, int64_t first, int64_t last) {
   for (int64_t item = first; item < last; ++item) {
     const bn::ItemRange r = bn::item_range(p, item);
     if (!p.channels_last) {
-      const int64_t c = r.c;
-      const float mean = job.mean[c], alpha = job.alpha[c], beta = job.beta[c], gamma = job.gamma[c];
-      const Vec vmean(mean), valpha(alpha), vbeta(beta), vgamma(gamma);
-      for_each_run(p, r, [&](int64_t n, int64_t s, int64_t len) {
+      for_each_channel_run(p, r, [&](int64_t n, int64_t s, int64_t len, int64_t c) {
+        const float mean = job.mean[c], alpha = job.alpha[c], beta = job.beta[c], gamma = job.gamma[c];
+        const Vec vmean(mean), valpha(alpha), vbeta(beta), vgamma(gamma);
         const T* dz = ptr_at<T>(job.dz, n, s, c);
         const T* x = kTraining ? ptr_at<T>(job.x, n, s, c) : nullptr;
         T* dx = ptr_at<T>(job.dx, n, s, c);
