@@ -63,6 +63,7 @@ def _extension_kwargs() -> dict:
         "csrc/cpu/optim_avx2.cpp",
         "csrc/cpu/optim_avx512.cpp",
         "csrc/bn_ops.cpp",
+        "csrc/bn_autograd.cpp",
         "csrc/cpu/bn.cpp",
         "csrc/cpu/bn_avx2.cpp",
         "csrc/cpu/bn_avx512.cpp",

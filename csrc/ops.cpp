@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "bn_autograd.h"
 #include "cpu/optim_kernels.h"
 #include "optim_ops.h"
 #include "step_ops.h"
@@ -169,6 +170,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("grad_clip") = pybind11::none(), pybind11::kw_only(), pybind11::arg("has_wd") = false,
            pybind11::arg("nesterov") = false, pybind11::arg("maximize") = false, pybind11::arg("wd_mode") = 0,
            pybind11::arg("lars_adaptation") = false);
+  m.def("bn_add_relu", &resfast::bn_add_relu,
+        "relu(batch_norm(x) + residual) on checked inputs through the native ops, with its autograd in C++",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("running_mean"), pybind11::arg("running_var"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("training"), pybind11::arg("momentum"),
+        pybind11::arg("eps"));
   m.def("cpu_kernel_isa", &resfast::cpu::kernel_isa_name,
         "The instruction set the CPU kernels run with on this machine: avx512, avx2 or default");
   // The coefficient columns each op reads, by name, and Adam's weight-decay modes (tests check them

@@ -345,6 +345,68 @@ def test_a_layer_is_two_native_calls_forward_and_one_backward(residual: bool) ->
     assert set(backward.ops) - natives <= {"aten.detach"}
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_cpp_layer_gives_the_python_functions_outputs_and_gradients(training: bool, dtype) -> None:
+    """The native backends' eager layer (csrc/bn_autograd.cpp: its autograd node in C++) against the
+    Python autograd.Function on the same kernels, bit for bit: y, the running stats, and the gradient of
+    every input that requires one (None for the others), over every combination of residual, weight and
+    bias given or not and of which inputs require grad: the C++ node finds each input's gradient slot."""
+    from resfast.kernels import native_bn
+    from resfast.nn import functional
+
+    gen = torch.Generator().manual_seed(7)
+    shape = (4, 3, 5, 2)
+    base = {
+        "x": make(shape, dtype, "channels_last", gen, 1.0),
+        "residual": make(shape, dtype, "nchw", gen),
+        "weight": torch.rand(3, generator=gen) + 0.5,
+        "bias": torch.randn(3, generator=gen).to(
+            dtype
+        ),  # another dtype than weight's: each grad keeps its own
+        "dy": torch.randn(shape, generator=gen).to(dtype),
+    }
+    for given in product((True, False), repeat=3):
+        optional = dict(zip(("residual", "weight", "bias"), given, strict=True))
+        names = ["x"] + [k for k, on in optional.items() if on]
+        for wanted in product((True, False), repeat=len(names)):
+            needs = dict(zip(names, wanted, strict=True))
+            runs = []
+            for path in ("cpp", "python"):
+                t = {k: base[k].detach().clone().requires_grad_(needs.get(k, False)) for k in names}
+                rm, rv = torch.linspace(-1, 1, 3), torch.linspace(0.5, 2, 3)
+                args = (t["x"], t.get("residual"), rm, rv, t.get("weight"), t.get("bias"))
+                if path == "cpp":
+                    y = native_bn.layer(*args, training, 0.1, 1e-5)
+                else:
+                    mean, var = native_bn.batch_stats(t["x"].detach(), rm, rv, 0.1) if training else (rm, rv)
+                    y = functional._EagerBatchNormAddReLU.apply(
+                        t["x"],
+                        t.get("residual"),
+                        t.get("weight"),
+                        t.get("bias"),
+                        mean,
+                        var,
+                        1e-5,
+                        training,
+                        "cpu",
+                    )
+                if y.requires_grad:
+                    y.backward(base["dy"])
+                runs.append({"y": y.detach(), "rm": rm, "rv": rv} | {f"d{k}": v.grad for k, v in t.items()})
+            label = f"given {optional}, requires grad {needs}"
+            cpp, python = runs
+            assert cpp.keys() == python.keys(), label
+            for key in cpp:
+                if python[key] is None:
+                    assert cpp[key] is None, f"{label}: {key}"
+                else:
+                    assert cpp[key].dtype == python[key].dtype and torch.equal(cpp[key], python[key]), (
+                        f"{label}: {key}"
+                    )
+            assert all(python[f"d{k}"] is not None for k in names if needs[k]), label
+
+
 def test_auto_picks_the_native_kernels_on_the_cpu() -> None:
     implemented = backends.implementing("batch_norm_add_relu")
     for dtype in DTYPES:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import resfast._C  # noqa: F401  (registers torch.ops.resfast.*)
+import resfast._C  # registers torch.ops.resfast.*
 
-__all__ = ["backward", "batch_stats", "forward", "grad_input"]
+__all__ = ["backward", "batch_stats", "forward", "grad_input", "layer"]
 
 _ops = torch.ops.resfast
 # The overloads themselves: calling one skips the packet's overload resolution on every call.
@@ -108,3 +108,22 @@ def grad_input(
     if not isinstance(count, Tensor):
         count = torch.tensor(float(count))
     return _grad_input(dz, x, weight, mean, var, eps, sum_dz, sum_dz_xhat, count)
+
+
+def layer(
+    x: Tensor,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """A whole layer on checked inputs, eagerly, its autograd in C++ (csrc/bn_autograd.cpp): the
+    statistics and the normalisation forward, the backward node calling `backward`'s op; the same
+    gradients as resfast.nn.functional's Python autograd.Function, one Python call per layer."""
+    return resfast._C.bn_add_relu(
+        x, residual, running_mean, running_var, weight, bias, training, momentum, eps
+    )

@@ -123,7 +123,9 @@ def kernels(backend: str) -> ModuleType:
 #
 # Eagerly, an autograd.Function calls the same kernels without the dispatcher: the custom ops cost
 # ~90 us of host time more per layer's forward and backward (measured on the CPU), which small-batch
-# GPU training would feel. Both paths share the kernels, the saved tensors and the gradients.
+# GPU training would feel. Both paths share the kernels, the saved tensors and the gradients. The
+# native backends go further: their eager layer is one C++ call whose autograd node is C++ too
+# (`native_bn.layer`), with this Function's saved tensors and gradients.
 
 
 def _stats(
@@ -248,6 +250,10 @@ def _eager_stats(
     return mean, var
 
 
+# The backends whose kernel module runs a whole eager layer natively (resfast.kernels.native_bn.layer).
+_NATIVE_LAYER_BACKENDS = ("cpu", "cuda")
+
+
 def apply_checked(
     backend: str,
     x: Tensor,
@@ -267,6 +273,10 @@ def apply_checked(
         out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(out if residual is None else out + residual)
     compiling = torch.compiler.is_compiling()
+    if backend in _NATIVE_LAYER_BACKENDS and not compiling:
+        return kernels(backend).layer(
+            x, residual, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     if training:
         stats = _bn_stats if compiling else _eager_stats
         mean, var = stats(x.detach(), running_mean, running_var, momentum, backend)
