@@ -378,3 +378,18 @@ def test_max_grad_norm_reaches_resfasts_optimizer(name):
     if name != "lars":
         torch_opt = build.make_optimizer(Config(optimizer=name, impl="torch", max_grad_norm=2.5), _bn_net())
         assert not hasattr(torch_opt, "max_grad_norm")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-cpu", "no-extension"])
+def test_fuse_bn_auto_fuses_on_the_cpu_only_with_the_native_kernels(native, monkeypatch):
+    """auto: fused on CUDA, and on the CPU where the native kernels run (measured faster end to end,
+    docs/train.md); without them the CPU's only BN kernel is the slow reference: not fused. --impl torch
+    never fuses; on and off are obeyed."""
+    monkeypatch.setattr(backends, "native_runs", lambda device_type: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert build.uses_fused_bn(Config(), cpu) is native
+    assert build.uses_fused_bn(Config(), cuda)
+    assert not build.uses_fused_bn(Config(impl="torch"), cpu)
+    assert not build.uses_fused_bn(Config(impl="torch"), cuda)
+    assert build.uses_fused_bn(Config(fuse_bn="on"), cpu)
+    assert not build.uses_fused_bn(Config(fuse_bn="off"), cuda)

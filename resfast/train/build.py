@@ -52,7 +52,8 @@ _LENGTH = re.compile(r"^\s*([0-9.eE+-]+)\s*(ep|%)\s*$")
 def uses_fused_bn(cfg: Config, device: torch.device) -> bool:
     """Whether the run fuses BatchNorm + add + ReLU (see the fuse_bn help for 'auto')."""
     if cfg.fuse_bn == "auto":
-        return cfg.impl == "resfast" and device.type == "cuda"
+        # On the CPU only with the native kernels: the reference alone is far slower than torch's BN.
+        return cfg.impl == "resfast" and (device.type == "cuda" or backends.native_runs("cpu"))
     return cfg.fuse_bn == "on"
 
 
