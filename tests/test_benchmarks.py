@@ -138,6 +138,18 @@ def test_bench_train_smoke(tmp_path):
     _assert_resfast_rows(rows, "resfast", result.stdout)
 
 
+def test_fused_bn_ab_smoke():
+    """One row per dtype x layout with both models' throughput and the ratio of their medians."""
+    argv = ["--device", "cpu", "--model", "resnet8", "--batch", "4", "--image", "8", "--rounds", "2"]
+    result = _run("fused_bn_ab.py", *argv, "--warmup", "0", "--dtype", "fp32,bf16", "--layout", "nchw")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| resnet8 ")]
+    assert [cells[3].strip() for cells in rows] == ["fp32", "bf16"]
+    for cells in rows:
+        unfused, fused, speedup = (float(cells[i].split()[0].rstrip("x")) for i in (5, 6, 7))
+        assert unfused > 0 and fused > 0 and speedup > 0
+
+
 def test_run_all_runs_a_bench_then_prints_its_tables(tmp_path):
     # Options run_all does not know (--tag, --layout) go to the scripts.
     args = [
