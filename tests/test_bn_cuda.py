@@ -142,6 +142,25 @@ def test_no_host_synchronisation() -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_the_cpp_eager_layer_makes_no_host_synchronisation() -> None:
+    """BatchNormAddReLU(backend="cuda")'s forward and backward (the C++ autograd path of
+    csrc/bn_autograd.cpp) read no device value on the host."""
+    m = BatchNormAddReLU(32, backend="cuda").cuda()
+    x = torch.randn(16, 32, 8, 8, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+    r = torch.randn_like(x).requires_grad_()
+    dy = torch.randn_like(x)
+    m(x, r).backward(dy)  # the first call loads and caches what it may
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = m(x, r)
+        y.backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.grad_fn is not None and "CppNode" in y.grad_fn.name()
+    assert x.grad is not None and r.grad is not None and m.weight.grad is not None
+
+
 def test_fused_layer_forward_and_backward_capture_in_a_cuda_graph() -> None:
     """BatchNormAddReLU(backend="cuda")'s forward and backward captured once, replayed on new
     inputs: the same outputs, gradients and running statistics as an eager step, bit for bit."""

@@ -407,6 +407,15 @@ def test_the_cpp_layer_gives_the_python_functions_outputs_and_gradients(training
             assert all(python[f"d{k}"] is not None for k in names if needs[k]), label
 
 
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+def test_the_module_runs_the_cpp_layer_eagerly(backend: str) -> None:
+    """Eagerly, a fused layer on the native CPU kernels is the C++ autograd node (csrc/bn_autograd.cpp),
+    not the Python Function the other backends use."""
+    m = BatchNormAddReLU(8, backend=backend)
+    y = m(torch.randn(4, 8, 3, 3, requires_grad=True), torch.randn(4, 8, 3, 3))
+    assert "BnAddRelu" in y.grad_fn.name()
+
+
 def test_auto_picks_the_native_kernels_on_the_cpu() -> None:
     implemented = backends.implementing("batch_norm_add_relu")
     for dtype in DTYPES:
