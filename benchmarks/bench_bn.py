@@ -254,7 +254,7 @@ def _compiled(ctx: Context, dtype: torch.dtype) -> tuple[Op, Callable[[], str]]:
 
 def _resfast(ctx: Context, dtype: torch.dtype, backend: str) -> tuple[Op, Callable[[], str]]:
     # A backend that cannot run these tensors (resfast-cuda on a CPU, ...) says why when called.
-    ctx.require_backend(backend, dtype)
+    ctx.require_backend(backend, dtype, op="batch_norm_add_relu")
 
     def op(x: Tensor, r: Tensor | None, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor) -> Tensor:
         return batch_norm_add_relu(x, r, rm, rv, w, b, True, MOMENTUM, EPS, backend=backend)

@@ -5,7 +5,9 @@ SGD), each also under ``torch.compile``, with peak memory.
 A step is ``zero_grad, forward + cross-entropy under autocast, backward, SGD step`` on one fixed
 batch (random images and labels on the device: data loading is not measured). SGD: lr 0.1,
 momentum 0.9, Nesterov, weight decay 5e-4. Paths: `torch`, `torch+compile`, `resfast-sgd` (torch's
-model with resfast's SGD: the optimizer's share of the gain), `resfast`, `resfast+compile`.
+model with resfast's SGD: the optimizer's share of the gain), `resfast`, `resfast-bn-cuda` (the fused
+BN on the native CUDA driver by name, where `resfast` takes auto's choice; skipped off CUDA),
+`resfast+compile`.
 
 Check before timing: from the same weights and batch, each path's first step is compared with an
 fp32 step of the eager model (TF32 off): the logits and the gradients (relative L2) must be within
@@ -75,6 +77,7 @@ class PathSpec:
     fuse: bool  # resfast.nn.fuse_resnet the model
     optimizer: str  # "torch" (torch.optim.SGD, fused=True) or "resfast" (resfast.optim.SGD, backend auto)
     compile: bool
+    bn_backend: str = "auto"  # the fused BN's kernels (fuse only)
 
 
 PATHS = {
@@ -82,6 +85,8 @@ PATHS = {
     "torch+compile": PathSpec(fuse=False, optimizer="torch", compile=True),
     "resfast-sgd": PathSpec(fuse=False, optimizer="resfast", compile=False),
     "resfast": PathSpec(fuse=True, optimizer="resfast", compile=False),
+    # The native CUDA BN driver by name: auto picks Triton on GPUs until the two are timed.
+    "resfast-bn-cuda": PathSpec(fuse=True, optimizer="resfast", compile=False, bn_backend="cuda"),
     "resfast+compile": PathSpec(fuse=True, optimizer="resfast", compile=True),
 }
 TORCH_PATHS = ("torch", "torch+compile")
@@ -100,13 +105,13 @@ def new_model(spec: ModelSpec) -> nn.Module:
 
 
 def build_model(
-    spec: ModelSpec, weights: Mapping[str, Tensor], device: torch.device, fuse: bool
+    spec: ModelSpec, weights: Mapping[str, Tensor], device: torch.device, fuse: bool, bn_backend: str = "auto"
 ) -> nn.Module:
     model = new_model(spec)
     model.load_state_dict(weights)
     model = model.to(device, memory_format=torch.channels_last).train()
     if fuse:
-        model = fuse_resnet(model)
+        model = fuse_resnet(model, backend=bn_backend)
     return model
 
 
@@ -279,7 +284,9 @@ def make_case(name: str, batch: int, dtype: torch.dtype, device: torch.device) -
 def trial(case: Case, path: PathSpec, ctx: Context) -> Trial:
     if path.compile:
         ctx.require_compile()
-    model = build_model(case.spec, case.weights, ctx.device, path.fuse)
+    if path.bn_backend != "auto":
+        ctx.require_backend(path.bn_backend, case.dtype, op="batch_norm_add_relu")
+    model = build_model(case.spec, case.weights, ctx.device, path.fuse, path.bn_backend)
     opt = new_optimizer(path.optimizer, model)
     run: Callable[[Tensor], Tensor] = compiled(model) if path.compile else model
     step = make_step(run, opt, case.x, case.y, autocast_dtype(case.dtype))

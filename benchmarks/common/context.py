@@ -31,12 +31,13 @@ class Context:
         if self.compile_skip:
             raise Skip(self.compile_skip)
 
-    def require_backend(self, backend: str, dtype: torch.dtype) -> None:
-        """Raise (a SKIP row) when resfast's `backend` cannot be timed here, saying why."""
+    def require_backend(self, backend: str, dtype: torch.dtype, op: str = "optimizer") -> None:
+        """Raise (a SKIP row) when resfast's `backend` cannot be timed here for `op` (an op of
+        resfast.backends.KERNELS), saying why."""
         if backend == "triton" and self.device.type == "cpu" and not self.smoke:
             # The interpreter checks kernels' correctness; its speed means nothing.
             raise Skip("triton on CPU runs only under the interpreter (TRITON_INTERPRET=1): run with --smoke")
-        backends.choose(self.device, dtype, backend)
+        backends.choose(self.device, dtype, backend, implemented=backends.implementing(op), op=op)
 
 
 def compile_skip_reason(args: argparse.Namespace) -> str | None:
