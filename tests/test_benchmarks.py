@@ -582,7 +582,7 @@ def test_train_wrong_paths_are_reported_and_not_timed(monkeypatch):
             return torch.optim.SGD(model.parameters(), **{**bench_train.SGD_ARGS, "momentum": 0.88})
         return real_optimizer(kind, model, foreach_reference)
 
-    def model(spec, weights, device, fuse):
+    def model(spec, weights, device, fuse, bn_backend="auto"):
         built = real_model(spec, weights, device, fuse=False)
         return built.eval() if fuse else built  # a model bug: BN uses running stats in training
 
