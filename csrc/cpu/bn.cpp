@@ -44,9 +44,10 @@ const BnKernels& kernels() {
   return chosen;
 }
 
-// Below this many elements a pass runs on the calling thread: starting a parallel region and waiting
-// for every thread at its end would cost more than the work.
-constexpr int64_t kMinParallelElements = 1 << 15;
+// A thread's task holds at least this many elements (torch's own grain, at::internal::GRAIN_SIZE): a
+// smaller one costs more in starting and joining the threads than it saves. A pass of at most this
+// many runs on the calling thread.
+constexpr int64_t kMinTaskElements = 1 << 15;
 
 Storage storage_of(const at::Tensor& x) {
   switch (x.scalar_type()) {
@@ -56,14 +57,14 @@ Storage storage_of(const at::Tensor& x) {
   }
 }
 
-// Runs kernel(job, first, last) over every item of the plan, on the available threads when the pass
-// is large enough to gain from them.
+// Runs kernel(job, first, last) over every item of the plan, on the available threads in tasks of at
+// least kMinTaskElements elements (on the calling thread when there is one task's worth or less).
 template <typename Job>
 void run_items(void (*kernel)(const Job&, int64_t, int64_t), const Job& job, int64_t elements) {
   const int64_t items = job.plan.items;
   if (items == 0) return;
-  if (elements < kMinParallelElements) return kernel(job, 0, items);
-  at::parallel_for(0, items, 1, [&](int64_t first, int64_t last) { kernel(job, first, last); });
+  const int64_t grain = std::max<int64_t>(1, (items * kMinTaskElements + elements - 1) / std::max<int64_t>(elements, 1));
+  at::parallel_for(0, items, grain, [&](int64_t first, int64_t last) { kernel(job, first, last); });
 }
 
 // C values: t's as fp32, or `fill` when t is absent.
