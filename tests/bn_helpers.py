@@ -279,6 +279,15 @@ def layer_inputs(
     return {k: v if v is None or v.device == torch.device(device) else v.to(device) for k, v in t.items()}
 
 
+def layer_case_id(case: tuple) -> str:
+    """The id of a (shape, layout, dtype, training, residual) layer case; also its inputs' seed."""
+    shape, layout, dtype, training, residual = case
+    return (
+        f"{'x'.join(map(str, shape))}-{layout}-{str(dtype)[6:]}-{'train' if training else 'eval'}"
+        f"-{'residual' if residual else 'none'}"
+    )
+
+
 def run_layer(kernels, t: dict, training: bool, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Every output of one layer's forward and backward through a kernel module's functions, on the
     inputs cast to `dtype`, or as they are (layout and storage offset included) when None; the

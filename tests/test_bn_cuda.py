@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from resfast import backends
 from resfast.kernels import reference_bn
 from resfast.nn import BatchNormAddReLU
-from tests.bn_helpers import OFFSET_LAYOUTS, check_layer, layer_inputs, make, run_layer
+from tests.bn_helpers import OFFSET_LAYOUTS, check_layer, layer_case_id, layer_inputs, make, run_layer
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not backends.native_runs("cuda"),
@@ -58,22 +58,14 @@ CASES = [
 ]
 
 
-def _case_id(case) -> str:
-    shape, layout, dtype, training, residual = case
-    return (
-        f"{'x'.join(map(str, shape))}-{layout}-{str(dtype)[6:]}-{'train' if training else 'eval'}"
-        f"-{'residual' if residual else 'none'}"
-    )
-
-
 def _cuda():
     return backends.kernel_module("batch_norm_add_relu", "cuda")
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=layer_case_id)
 def test_matches_reference_in_float64(case) -> None:
     shape, layout, dtype, training, residual = case
-    t = layer_inputs(shape, dtype, layout, residual, zlib.crc32(_case_id(case).encode()), device="cuda")
+    t = layer_inputs(shape, dtype, layout, residual, zlib.crc32(layer_case_id(case).encode()), device="cuda")
     check_layer(_cuda(), t, training, dense=layout in ("nchw", "channels_last", *OFFSET_LAYOUTS))
 
 

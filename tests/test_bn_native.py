@@ -31,6 +31,7 @@ from tests.bn_helpers import (
     NATIVE_DRIVERS,
     OFFSET_LAYOUTS,
     check_layer,
+    layer_case_id,
     layer_inputs,
     make,
     native_kernels,
@@ -114,14 +115,6 @@ CASES = [
 ]
 
 
-def _case_id(case) -> str:
-    shape, layout, dtype, training, residual = case
-    return (
-        f"{'x'.join(map(str, shape))}-{layout}-{str(dtype)[6:]}-{'train' if training else 'eval'}"
-        f"-{'residual' if residual else 'none'}"
-    )
-
-
 def _native():
     return backends.kernel_module("batch_norm_add_relu", "cpu")
 
@@ -132,10 +125,10 @@ def driver(request):
     return native_kernels(request.param)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=layer_case_id)
 def test_matches_reference_in_float64(driver, case) -> None:
     shape, layout, dtype, training, residual = case
-    seed = zlib.crc32(_case_id(case).encode())
+    seed = zlib.crc32(layer_case_id(case).encode())
     check_layer(driver, layer_inputs(shape, dtype, layout, residual, seed), training, dense=layout in DENSE)
 
 

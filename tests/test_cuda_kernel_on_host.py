@@ -118,17 +118,22 @@ def native(request, monkeypatch) -> str:
     assert ops.calls > 0, "no optimizer op ran on the host: the test ran the CPU kernels instead"
 
 
+def _step_grads(params: list[torch.Tensor], step: int) -> list:
+    """tests/optim_helpers.make_grads's grads (None on some steps) for its SHAPES, else random float64
+    ones of each param's shape."""
+    if [tuple(p.shape) for p in params] == SHAPES:
+        return make_grads(step, len(params))
+    gen = torch.Generator().manual_seed(step)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+
+
 def _trajectory(name: str, kwargs: dict, backend: str, params: list[torch.Tensor], steps: int = 3) -> list:
     """Every param and state after each step; grads as tests/optim_helpers.make_grads draws them for
     its SHAPES (None on some steps), or of each param's shape when `params` are not those."""
     opt = getattr(resfast.optim, name)(params, backend=backend, **kwargs)
     snapshots = []
     for step in range(steps):
-        if [tuple(p.shape) for p in params] == SHAPES:
-            grads = make_grads(step, len(params))
-        else:
-            gen = torch.Generator().manual_seed(step)
-            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        grads = _step_grads(params, step)
         for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.to(p.dtype)
         opt.step()
@@ -241,11 +246,7 @@ def _lars_trajectory(kwargs: dict, second: dict, backend: str, params: list[torc
     opt = resfast.optim.LARS(groups, **{"lr": 4.0, "trust_coefficient": 0.02, **kwargs}, backend=backend)
     snapshots = []
     for step in range(steps):
-        if [tuple(p.shape) for p in params] == SHAPES:
-            grads = make_grads(step, len(params))
-        else:
-            gen = torch.Generator().manual_seed(step)
-            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        grads = _step_grads(params, step)
         if step == 1 and grads[ZERO_GRAD] is not None:
             grads[ZERO_GRAD] = torch.zeros_like(grads[ZERO_GRAD])
         for p, g in zip(params, grads, strict=True):
