@@ -73,30 +73,13 @@ struct CudaKernelOnHost {
     }
   }
 
-  static void lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
-                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                   const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize, const LarsMath& math) {
-    const at::TensorList params = lists[0];
-    TORCH_CHECK(host_has_fma(), "resfast_cuda_on_host: this CPU has no FMA instructions, which the GPU's "
-                "arithmetic needs to be reproduced");
-    if (params.empty() || (found_inf.has_value() && found_inf->item<float>() != 0.f)) return;
-    const WorkTable work = build_work_table<3>(lists, kCudaChunk);
-    const at::Tensor scale = grad_scale.has_value() ? grad_scale->to(at::kFloat).contiguous() : at::Tensor();
-    const float* scale_ptr = grad_scale.has_value() ? scale.const_data_ptr<float>() : nullptr;
-    const at::Tensor clip = grad_clip.has_value() ? grad_clip->to(at::kFloat).contiguous() : at::Tensor();
-    const float* clip_ptr = grad_clip.has_value() ? clip.const_data_ptr<float>() : nullptr;
-    const float* coef_ptr = coef.const_data_ptr<float>();
-    switch (params[0].scalar_type()) {  // check_lists admits only these three
-      case at::kBFloat16: return run_lars<c10::BFloat16>(work, coef_ptr, scale_ptr, clip_ptr, adaptation, maximize, math);
-      case at::kHalf: return run_lars<c10::Half>(work, coef_ptr, scale_ptr, clip_ptr, adaptation, maximize, math);
-      default: return run_lars<float>(work, coef_ptr, scale_ptr, clip_ptr, adaptation, maximize, math);
-    }
-  }
-
-  template <int N, typename Math>
-  static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& grad_clip, bool maximize, const Math& math) {
+  // What every entry point does before its kernels: the FMA check, GradScaler's skip, the work table,
+  // the scale, clip and coefficient pointers; then run(T{}, work, coef, scale, clip) for the params'
+  // storage type T.
+  template <int N, typename Run>
+  static void on_host(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& grad_clip, Run&& run) {
     const at::TensorList params = lists[0];
     TORCH_CHECK(host_has_fma(), "resfast_cuda_on_host: this CPU has no FMA instructions, which the GPU's "
                 "arithmetic needs to be reproduced");
@@ -108,10 +91,29 @@ struct CudaKernelOnHost {
     const float* clip_ptr = grad_clip.has_value() ? clip.const_data_ptr<float>() : nullptr;
     const float* coef_ptr = coef.const_data_ptr<float>();
     switch (params[0].scalar_type()) {  // check_lists admits only these three
-      case at::kBFloat16: return run_launch<c10::BFloat16, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
-      case at::kHalf: return run_launch<c10::Half, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
-      default: return run_launch<float, N>(work, coef_ptr, scale_ptr, clip_ptr, maximize, math);
+      case at::kBFloat16: return run(c10::BFloat16{}, work, coef_ptr, scale_ptr, clip_ptr);
+      case at::kHalf: return run(c10::Half{}, work, coef_ptr, scale_ptr, clip_ptr);
+      default: return run(float{}, work, coef_ptr, scale_ptr, clip_ptr);
     }
+  }
+
+  static void lars(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                   const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& grad_clip, bool adaptation, bool maximize, const LarsMath& math) {
+    on_host<3>(lists, coef, grad_scale, found_inf, grad_clip,
+               [&](auto value, const WorkTable& work, const float* coef_ptr, const float* scale, const float* clip) {
+                 run_lars<decltype(value)>(work, coef_ptr, scale, clip, adaptation, maximize, math);
+               });
+  }
+
+  template <int N, typename Math>
+  static void apply(const std::vector<at::TensorList>& lists, const at::Tensor& coef,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& grad_clip, bool maximize, const Math& math) {
+    on_host<N>(lists, coef, grad_scale, found_inf, grad_clip,
+               [&](auto value, const WorkTable& work, const float* coef_ptr, const float* scale, const float* clip) {
+                 run_launch<decltype(value), N>(work, coef_ptr, scale, clip, maximize, math);
+               });
   }
 };
 
