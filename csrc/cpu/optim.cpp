@@ -222,25 +222,14 @@ double sum_of_squares(const T* data, int64_t count) {
   int64_t i = 0;
   for (; i + 4 <= count; i += 4) {
     for (int k = 0; k < 4; ++k) {
-      const double v = static_cast<double>(static_cast<float>(data[i + k]));
+      const auto v = static_cast<double>(data[i + k]);
       acc[k] += v * v;
     }
   }
   for (; i < count; ++i) {
-    const double v = static_cast<double>(static_cast<float>(data[i]));
+    const auto v = static_cast<double>(data[i]);
     acc[0] += v * v;
   }
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
-}
-
-template <>
-double sum_of_squares(const double* data, int64_t count) {
-  double acc[4] = {0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 4 <= count; i += 4) {
-    for (int k = 0; k < 4; ++k) acc[k] += data[i + k] * data[i + k];
-  }
-  for (; i < count; ++i) acc[0] += data[i] * data[i];
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
