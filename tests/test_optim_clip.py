@@ -375,3 +375,45 @@ def test_native_total_norm_is_deterministic_and_propagates_inf_and_nan():
         cext.total_norm([torch.ones(2, dtype=torch.int64)])
     with pytest.raises(NotImplementedError, match="SparseCPU"):  # the dispatcher's own refusal
         cext.total_norm([torch.ones(2).to_sparse()])
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the native extension")
+def test_native_grads_norm_reads_every_groups_grads():
+    """resfast._C.grads_norm: the grads of every list's params (None grads skipped) in one total_norm,
+    bit for bit; nothing to read without grads; None (torch's path) when a grad is not a plain strided
+    CPU tensor of the four dtypes."""
+    from resfast.kernels import cext
+
+    gen = torch.Generator().manual_seed(1)
+    dtypes = (torch.float32, torch.bfloat16, torch.float32, torch.float32)
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))
+        for s, dtype in zip([(3, 5), (7,), (40000,), (2, 2)], dtypes, strict=True)
+    ]
+    assert cext.grads_norm([params[:2], params[2:]]) == (False, None)
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    found, norm = cext.grads_norm([params[:2], [], params[2:]])
+    assert found and torch.equal(norm, cext.total_norm([p.grad for p in params[:3]]))
+    assert norm.dtype == torch.float32
+    params[3].grad = torch.ones(2, 2).to_sparse()
+    assert cext.grads_norm([params]) == (True, None)
+    for odd in (torch.ones(2, 2, dtype=torch.complex64), torch.ones(2, 2, device="meta")):
+        params[3] = torch.nn.Parameter(odd.clone())
+        params[3].grad = odd
+        assert cext.grads_norm([params]) == (True, None), odd
+    with pytest.raises(RuntimeError, match="lists of params"):
+        cext.grads_norm([tuple(params)])
+
+
+@pytest.mark.skipif(not NATIVE, reason="needs the native extension")
+def test_a_cpu_step_takes_the_native_norm(monkeypatch):
+    """CPU grads go to the native norm, not torch's get_total_norm (the same number: the tests above)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = resfast.optim.SGD(params, lr=0.1, backend="cpu", max_grad_norm=0.5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: pytest.fail("torch's norm ran"))
+    opt.step()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in params]))
+    torch.testing.assert_close(opt.grad_norm, want)

@@ -143,6 +143,15 @@ def _assign_state(step, model, opt):
         opt.state[p] = {k: v.clone() for k, v in opt.state[p].items()}
 
 
+def _assign_steps(step, model, opt):
+    """Every step counter replaced by a new tensor with another count (a kept call must not go on
+    counting, or building its bias corrections from, the old ones)."""
+    if step == 2:
+        for state in opt.state.values():
+            if "step" in state:
+                state["step"] = state["step"].clone() + 7
+
+
 def _swap_tensors(step, model, opt):
     """torch.utils.swap_tensors (what nn.Module conversions do under torch.__future__'s
     swap_module_params_on_conversion): each param object stays, the tensor behind it is another."""
@@ -175,6 +184,7 @@ SCENARIOS = {
     "state-cleared": _clear_state,
     "options-changed": _change_options,
     "state-assigned": _assign_state,
+    "steps-assigned": _assign_steps,
 }
 
 
@@ -227,7 +237,7 @@ def test_a_kept_native_call_is_prepared_once_and_takes_option_changes(case):
     model, twin = _model(), _model()
     opt = getattr(resfast.optim, name)(model.parameters(), backend="cpu", **kwargs)
     ref = getattr(torch.optim, name)(twin.parameters(), foreach=False, **kwargs)
-    seen = []
+    seen, seen_kept = [], []
     for step in range(6):
         if step == 4:
             for group in opt.param_groups + ref.param_groups:
@@ -237,11 +247,21 @@ def test_a_kept_native_call_is_prepared_once_and_takes_option_changes(case):
         opt.step()
         ref.step()
         seen.append(_prepared(opt))
+        if step >= 2:
+            entries = opt._step_cache()._entries.values()
+            seen_kept.extend(call.kept for entry in entries for call, *_ in entry.calls)
         _assert_same([_snapshot(ref, list(twin.parameters()))], [_snapshot(opt, list(model.parameters()))])
     # Steps 0-1 plan (the states are created at step 0); steps 2-5 reuse step 1's call and its update.
     assert len(seen[2]) == 1 and seen[2][0] is not None
     assert all(later[0] is seen[2][0] for later in seen[3:])
     assert opt._step_cache()._entries[id(opt.param_groups[0])].native is seen[2][0][1]
+    # Its step counters are held natively too, made once at the call's first step.
+    counters = [kept.get("steps") for kept in seen_kept]
+    if opt._spec.has_step:
+        assert counters[0] is not None and all(c is counters[0] for c in counters)
+        assert len(counters[0]) == len(list(model.parameters()))
+    else:
+        assert counters == [None] * len(counters)
 
 
 def test_a_kept_triton_call_rebuilds_its_work_table_only_when_the_grads_move():

@@ -181,3 +181,44 @@ def test_cuda_count_steps_counts_and_skips_on_found_inf():
     assert [s.item() for s in steps] == [float(i + 1) for i in range(300)]
     torch.ops.resfast.count_steps_(steps, torch.tensor([0.0], device="cuda"))
     assert [s.item() for s in steps] == [float(i + 2) for i in range(300)]
+
+
+# -- a kept call's counters, held natively ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.float64], ids=str)
+def test_held_counters_count_and_build_the_tables_of_the_list_ops(step_dtype):
+    """resfast._C.StepCounters runs the same ops over the counters it holds: same counts (and skip on
+    found_inf), the same tables bit for bit, and it follows the counters' values at call time."""
+    import resfast._C
+
+    held, listed = _steps(step_dtype), _steps(step_dtype)
+    counters = resfast._C.StepCounters(held)
+    assert len(counters) == len(held)
+    for found_inf in (None, torch.tensor([1.0]), torch.tensor([0.0])):
+        counters.count_(found_inf)
+        torch.ops.resfast.count_steps_(listed, found_inf)
+        assert [s.item() for s in held] == [s.item() for s in listed]
+    assert held[0].item() == STEP_VALUES[0] + 2  # counted twice, skipped once
+    lr = torch.tensor(3e-3)
+    for args in ((None, 0.1), (lr, 0.0)):
+        assert torch.equal(
+            counters.adam_coef(*args, 0.9, 0.999, 1e-8, 0.1, 2),
+            torch.ops.resfast.adam_coef(listed, *args, 0.9, 0.999, 1e-8, 0.1, 2),
+        )
+        assert torch.equal(
+            counters.adagrad_coef(*args, 0.05, 0.1, 1e-10),
+            torch.ops.resfast.adagrad_coef(listed, *args, 0.05, 0.1, 1e-10),
+        )
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [[], [torch.tensor(1.0), torch.zeros(2)], [torch.tensor(1, dtype=torch.int64)]],
+    ids=["none", "two-elements", "int64"],
+)
+def test_held_counters_refuse_bad_counters(steps):
+    import resfast._C
+
+    with pytest.raises(RuntimeError, match=r"no step counters|one-element float32/float64 step counters"):
+        resfast._C.StepCounters(steps)

@@ -9,6 +9,7 @@ this module loads the extension; ``resfast.backends`` only routes here when it l
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +18,10 @@ import resfast._C  # registers torch.ops.resfast.*
 from resfast.kernels.fused_optim import FusedCall, FusedUpdates
 from resfast.kernels.optim_spec import SPECS
 
-__all__ = ["adagrad", "adam", "count_steps", "lars", "launch", "ops", "rmsprop", "sgd", "total_norm"]
+__all__ = [
+    "adagrad", "adagrad_coef", "adam", "adam_coef", "count_steps", "grads_norm", "lars", "launch", "ops",
+    "rmsprop", "sgd", "total_norm",
+]  # fmt: skip
 
 ops = _ops = torch.ops.resfast
 
@@ -44,16 +48,47 @@ def _register_fakes() -> None:
 _register_fakes()
 
 
-def count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
+def count_steps(steps: list[Tensor], found_inf: Tensor | None, kept: dict[str, Any] | None = None) -> None:
     """steps[i] += 1 for every one-element step counter (CPU: a loop; CUDA: one launch), unless
-    found_inf (one element, on the counters' device; a CPU one on the CPU) is nonzero."""
-    _ops.count_steps_(steps, found_inf)
+    found_inf (one element, on the counters' device; a CPU one on the CPU) is nonzero. `kept`: the
+    store of the kept kernel call these counters belong to (see _counters)."""
+    if kept is None:
+        _ops.count_steps_(steps, found_inf)
+    else:
+        _counters(steps, kept).count_(found_inf)
+
+
+def adam_coef(steps: list[Tensor], *args: Any, kept: dict[str, Any] | None = None) -> Tensor:
+    """torch.ops.resfast.adam_coef(steps, *args), with a kept call's counters held natively (_counters)."""
+    return _ops.adam_coef(steps, *args) if kept is None else _counters(steps, kept).adam_coef(*args)
+
+
+def adagrad_coef(steps: list[Tensor], *args: Any, kept: dict[str, Any] | None = None) -> Tensor:
+    """torch.ops.resfast.adagrad_coef(steps, *args), with a kept call's counters held natively."""
+    return _ops.adagrad_coef(steps, *args) if kept is None else _counters(steps, kept).adagrad_coef(*args)
+
+
+def _counters(steps: list[Tensor], kept: dict[str, Any]) -> resfast._C.StepCounters:
+    """A kept kernel call's step counters as a native list, made at its first step and kept in its store:
+    an op over them then converts no list from Python (~0.1 us per counter). The step cache reuses a
+    call only while the optimizer's state holds these same counter tensors (resfast/optim/_step_cache.py),
+    so the list stays right for as long as the store lives."""
+    counters = kept.get("steps")
+    if counters is None:
+        counters = kept["steps"] = resfast._C.StepCounters(steps)
+    return counters
 
 
 def total_norm(tensors: list[Tensor]) -> Tensor:
     """The L2 norm of all CPU `tensors` together, as torch.nn.utils.get_total_norm computes it (in their
     promoted dtype), in one native call instead of one norm per tensor."""
     return _ops.total_norm(tensors)
+
+
+def grads_norm(param_lists: list[list[Tensor]]) -> tuple[bool, Tensor | None]:
+    """Whether any param in the lists has a grad, and their grads' L2 norm in one native call where they
+    are all plain strided CPU tensors of the dtypes total_norm takes (else None), read in C++."""
+    return resfast._C.grads_norm(param_lists)
 
 
 def launch(call: FusedCall) -> None:

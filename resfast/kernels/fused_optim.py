@@ -134,8 +134,9 @@ class FusedUpdates:
         **extra: Any,
     ) -> None:
         coef = optim_coef.adagrad(
-            steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps
-        )
+            steps, params[0].device, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+            kept=extra.get("kept"),
+        )  # fmt: skip
         options = {"has_wd": weight_decay != 0, "maximize": maximize}
         self._run("adagrad", params, grads, [state_sums], coef, options, extra)
 
@@ -160,7 +161,7 @@ class FusedUpdates:
     ) -> None:
         coef = optim_coef.adam(
             steps, params[0].device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decoupled=decoupled_weight_decay,
+            decoupled=decoupled_weight_decay, kept=extra.get("kept"),
         )  # fmt: skip
         states = [exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else None]
         wd_mode = optim_coef.adam_weight_decay_mode(weight_decay, decoupled_weight_decay)

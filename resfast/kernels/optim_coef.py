@@ -72,9 +72,10 @@ def _kept_table(op: str, n: int, device: torch.device, values: dict[str, Any]) -
 
 
 def _native_ops(steps: Sequence[Tensor], device: torch.device, lr: float | Tensor, *numbers: Any) -> Any:
-    """torch.ops.resfast when its coefficient ops can build this table: the extension runs on `device`,
-    the counters live there, lr is a number or a one-element float32/float64 tensor (there or on the
-    CPU), and every other hyperparameter is a number. Else None: the torch ops below build it."""
+    """The native kernel module (resfast.kernels.cext) when its coefficient ops can build this table:
+    the extension runs on `device`, the counters live there, lr is a number or a one-element
+    float32/float64 tensor (there or on the CPU), and every other hyperparameter is a number. Else
+    None: the torch ops below build it."""
     if not steps or torch.compiler.is_compiling() or not backends.native_runs(device.type):
         return None
     if steps[0].device != device or not all(isinstance(v, (int, float)) for v in numbers):
@@ -83,7 +84,7 @@ def _native_ops(steps: Sequence[Tensor], device: torch.device, lr: float | Tenso
         lr.numel() == 1 and lr.dtype in (torch.float32, torch.float64) and lr.device in (device, _CPU)
     ):
         return None
-    return backends.kernel_module("optimizer", device.type).ops
+    return backends.kernel_module("optimizer", device.type)
 
 
 _CPU = torch.device("cpu")
@@ -154,10 +155,12 @@ def adagrad(
     lr_decay: float,
     weight_decay: float,
     eps: float,
+    kept: dict[str, Any] | None = None,
 ) -> Tensor:
-    ops = _native_ops(steps, device, lr, lr_decay, weight_decay, eps)
-    if ops is not None:
-        return ops.adagrad_coef(steps, *_lr_args(lr), lr_decay, weight_decay, eps)
+    """`kept`: the store of the kept kernel call the counters belong to (resfast.kernels.cext._counters)."""
+    native = _native_ops(steps, device, lr, lr_decay, weight_decay, eps)
+    if native is not None:
+        return native.adagrad_coef(steps, *_lr_args(lr), lr_decay, weight_decay, eps, kept=kept)
     clr = lr / (1 + (_step_counts(steps, device) - 1) * lr_decay)
     return _table("adagrad", len(steps), device, {"clr": clr, "weight_decay": weight_decay, "eps": eps})
 
@@ -177,11 +180,13 @@ def adam(
     eps: float,
     weight_decay: float,
     decoupled: bool,
+    kept: dict[str, Any] | None = None,
 ) -> Tensor:
+    """`kept`: as adagrad's."""
     wd_mode = adam_weight_decay_mode(weight_decay, decoupled)
-    ops = _native_ops(steps, device, lr, beta1, beta2, eps, weight_decay)
-    if ops is not None:
-        return ops.adam_coef(steps, *_lr_args(lr), beta1, beta2, eps, weight_decay, wd_mode)
+    native = _native_ops(steps, device, lr, beta1, beta2, eps, weight_decay)
+    if native is not None:
+        return native.adam_coef(steps, *_lr_args(lr), beta1, beta2, eps, weight_decay, wd_mode, kept=kept)
     step = _step_counts(steps, device)
     decoupled_decay = wd_mode == ADAM_WEIGHT_DECAY["decoupled"]
     values = {

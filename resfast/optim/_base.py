@@ -38,8 +38,9 @@ def reject_differentiable(differentiable: bool) -> None:
         )
 
 
-def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
-    """Every step counter += 1, except on a step GradScaler skips; on the device, without a host sync."""
+def _count_steps(steps: list[Tensor], found_inf: Tensor | None, kept: dict[str, Any] | None) -> None:
+    """Every step counter += 1, except on a step GradScaler skips; on the device, without a host sync.
+    `kept`: the store of the kept kernel call the counters belong to (None: a call not kept)."""
     device = steps[0].device
     if (
         not torch.compiler.is_compiling()  # first: dynamo warns about tracing native_runs' cache
@@ -48,31 +49,21 @@ def _count_steps(steps: list[Tensor], found_inf: Tensor | None) -> None:
     ):
         # One native call: torch's foreach add is a loop of dispatched adds on the CPU (~1.3 us per
         # counter), and with found_inf two launches on CUDA.
-        backends.kernel_module("optimizer", device.type).count_steps(steps, found_inf)
+        backends.kernel_module("optimizer", device.type).count_steps(steps, found_inf, kept)
         return
     torch._foreach_add_(steps, 1)
     if found_inf is not None:
         torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
 
 
-# The grads the native CPU norm takes (others, and grads on other devices, go to torch's).
-_NATIVE_NORM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _total_norm(grads: list[Tensor]) -> Tensor:
-    """The L2 norm of all `grads`, as clip_grad_norm_ computes it, on the first grad's device. On the
-    CPU one native call (torch's foreach norm there is a loop of per-tensor norms, ~3 us each); else
-    torch's own get_total_norm (one multi-tensor reduction per device and dtype)."""
-    if (
-        not torch.compiler.is_compiling()  # dynamo warns about tracing native_runs' cache
-        and backends.native_runs("cpu")
-        and all(
-            g.device.type == "cpu" and g.layout == torch.strided and g.dtype in _NATIVE_NORM_DTYPES
-            for g in grads
-        )
-    ):
-        return backends.kernel_module("optimizer", "cpu").total_norm(grads)
-    return torch.nn.utils.get_total_norm(grads, 2.0)
+def _grads_norm(param_groups: list[dict[str, Any]]) -> tuple[bool, Tensor | None]:
+    """Whether any param of the groups has a grad and, when they are all plain CPU tensors, their L2 norm
+    as clip_grad_norm_ computes it, in one native call that reads the grads itself (torch's CPU foreach
+    norm is a loop of per-tensor norms, ~3 us each, and a Python walk over the grads ~1 us per grad).
+    Else (False or None): the grads take torch's get_total_norm."""
+    if torch.compiler.is_compiling() or not backends.native_runs("cpu"):  # first: dynamo warns on the cache
+        return True, None
+    return backends.kernel_module("optimizer", "cpu").grads_norm([group["params"] for group in param_groups])
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -331,8 +322,10 @@ class FusedStep:
         seed: int | None,
         grad_clip: Tensor | None,
     ) -> None:
+        # A call the step cache may keep carries its store (while compiling, the traced graph is the reuse).
+        kept = batch.kept if batch.backend != "reference" and not torch.compiler.is_compiling() else None
         if batch.steps:
-            _count_steps(batch.steps, found_inf)
+            _count_steps(batch.steps, found_inf, kept)
         extra = {
             "grad_scale": grad_scale,
             "found_inf": found_inf,
@@ -340,8 +333,8 @@ class FusedStep:
             "master_params": batch.masters,
             "stochastic_seed": seed if batch.mode == STOCHASTIC else None,
         }
-        if batch.backend != "reference" and not torch.compiler.is_compiling():
-            extra["kept"] = batch.kept  # (while compiling, the traced graph is the reuse)
+        if kept is not None:
+            extra["kept"] = kept
         kernels = backends.kernel_module("optimizer", batch.backend)
         self._update(getattr(kernels, self._spec.op), group, batch, extra)
 
@@ -405,18 +398,22 @@ class FusedStep:
         """``min(1, max_grad_norm / (norm + 1e-6))`` for the L2 norm of every group's (unscaled) grads, as
         torch.nn.utils.clip_grad_norm_ computes it, as a one-element fp32 tensor that the update kernels
         multiply each grad by: no host sync, and the grads are not written. None without grads."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        any_grad, norm = _grads_norm(self.param_groups)
+        if norm is None and any_grad:
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            any_grad = bool(grads)
+            if any(type(g) not in PLAIN_TENSOR_TYPES and _is_dtensor(g) for g in grads):
+                # A sharded grad's norm needs its shards' collective reduction: torch's clipping knows
+                # how, the fused update does not.
+                raise NotImplementedError(
+                    "max_grad_norm does not support DTensor grads (e.g. FSDP2's shards); leave"
+                    " max_grad_norm=None and call torch.nn.utils.clip_grad_norm_(params, max_norm) before"
+                    " step() instead"
+                )
+            norm = torch.nn.utils.get_total_norm(grads, 2.0) if grads else None
+        if norm is None:
             self._measured["grad_norm"] = None
             return None
-        if any(type(g) not in PLAIN_TENSOR_TYPES and _is_dtensor(g) for g in grads):
-            # A sharded grad's norm needs its shards' collective reduction: torch's clipping knows how,
-            # the fused update does not.
-            raise NotImplementedError(
-                "max_grad_norm does not support DTensor grads (e.g. FSDP2's shards); leave max_grad_norm=None"
-                " and call torch.nn.utils.clip_grad_norm_(params, max_norm) before step() instead"
-            )
-        norm = _total_norm(grads)
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device)  # GradScaler's scale is a power of two: exact
         self._measured["grad_norm"] = norm
