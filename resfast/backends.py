@@ -95,8 +95,10 @@ KERNELS: dict[str, dict[str, Callable[[], ModuleType]]] = {
         "cpu": _native_optim,
         "cuda": _native_optim,
     },
-    # batch_stats, forward, backward, grad_input. One native module for both devices: its ops dispatch
-    # on the tensors' device (csrc/cpu/bn.cpp, csrc/cuda/bn.cu).
+    # batch_stats, forward, backward, grad_input; a module that also has `layer` runs a whole eager
+    # layer, autograd included, in one call (resfast.nn.functional.apply_checked takes it when not
+    # compiling). One native module for both devices: its ops dispatch on the tensors' device
+    # (csrc/cpu/bn.cpp, csrc/cuda/bn.cu).
     "batch_norm_add_relu": {
         "reference": _reference_bn,
         "triton": _triton_bn,

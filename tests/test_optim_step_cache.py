@@ -254,7 +254,7 @@ def test_a_kept_native_call_is_prepared_once_and_takes_option_changes(case):
     # Steps 0-1 plan (the states are created at step 0); steps 2-5 reuse step 1's call and its update.
     assert len(seen[2]) == 1 and seen[2][0] is not None
     assert all(later[0] is seen[2][0] for later in seen[3:])
-    assert opt._step_cache()._entries[id(opt.param_groups[0])].native is seen[2][0][1]
+    assert opt._step_cache()._entries[id(opt.param_groups[0])].native is seen[2][0]
     # Its step counters are held natively too, made once at the call's first step.
     counters = [kept.get("steps") for kept in seen_kept]
     if opt._spec.has_step:

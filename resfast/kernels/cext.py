@@ -106,14 +106,15 @@ def launch(call: FusedCall) -> None:
         # A kept call: its params and states stay in a PreparedUpdate, so that a step converts at most its
         # grads (each tensor list costs ~0.1 us per tensor to hand to an op), and none where the step
         # cache had the update read them itself (call.grads None: resfast/optim/_step_cache.py).
-        pattern = tuple(t is None for t in call.states)
-        prepared = call.kept.get("native")
-        if prepared is None or prepared[0] != pattern:
+        # The store's "native" is the PreparedUpdate (the step cache reads it), "native_absent" the states
+        # it was made without.
+        absent = tuple(t is None for t in call.states)
+        update = call.kept.get("native")
+        if update is None or call.kept["native_absent"] != absent:
             if call.grads is None:
                 raise RuntimeError("resfast: a kept call without grads must run its prepared update")
-            update = resfast._C.PreparedUpdate(call.spec.op, call.params, lists)
-            prepared = call.kept["native"] = (pattern, update)
-        update = prepared[1]
+            update = call.kept["native"] = resfast._C.PreparedUpdate(call.spec.op, call.params, lists)
+            call.kept["native_absent"] = absent
         update.run(call.grads, call.coef, call.grad_scale, call.found_inf, call.grad_clip, **call.options)
         return
     op = getattr(_ops, f"{call.spec.op}_")

@@ -250,10 +250,6 @@ def _eager_stats(
     return mean, var
 
 
-# The backends whose kernel module runs a whole eager layer natively (resfast.kernels.native_bn.layer).
-_NATIVE_LAYER_BACKENDS = ("cpu", "cuda")
-
-
 def apply_checked(
     backend: str,
     x: Tensor,
@@ -273,10 +269,11 @@ def apply_checked(
         out = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return torch.relu(out if residual is None else out + residual)
     compiling = torch.compiler.is_compiling()
-    if backend in _NATIVE_LAYER_BACKENDS and not compiling:
-        return kernels(backend).layer(
-            x, residual, running_mean, running_var, weight, bias, training, momentum, eps
-        )
+    # A kernel module with a `layer` (the native one: resfast.kernels.native_bn) runs the whole eager
+    # layer, its autograd included, in C++.
+    layer = None if compiling else getattr(kernels(backend), "layer", None)
+    if layer is not None:
+        return layer(x, residual, running_mean, running_var, weight, bias, training, momentum, eps)
     if training:
         stats = _bn_stats if compiling else _eager_stats
         mean, var = stats(x.detach(), running_mean, running_var, momentum, backend)

@@ -165,8 +165,7 @@ class StepCache:
         position = {id(p): i for i, p in enumerate(with_grad)}
         native = None
         if len(calls) == 1 and len(calls[0].owners) == len(group["params"]):
-            prepared = calls[0].kept.get("native")  # resfast.kernels.cext.launch's, once it has run
-            native = None if prepared is None else prepared[1]
+            native = calls[0].kept.get("native")  # resfast.kernels.cext.launch's, once it has run
         self._entries[id(group)] = _Entry(
             group=group,
             ids=tuple(map(id, with_grad)),
