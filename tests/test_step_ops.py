@@ -222,3 +222,28 @@ def test_held_counters_refuse_bad_counters(steps):
 
     with pytest.raises(RuntimeError, match=r"no step counters|one-element float32/float64 step counters"):
         resfast._C.StepCounters(steps)
+
+
+@needs_cuda
+def test_held_cuda_counters_count_and_build_the_tables_of_the_list_ops():
+    """The held counters on the GPU: the same CUDA ops through the dispatcher (300 counters: two
+    launches each), a device found_inf read by the kernel."""
+    import resfast._C
+
+    held = [torch.tensor(float(i), device="cuda") for i in range(1, 301)]
+    listed = [s.clone() for s in held]
+    counters = resfast._C.StepCounters(held)
+    for found_inf in (torch.tensor([1.0], device="cuda"), None, torch.tensor([0.0], device="cuda")):
+        counters.count_(found_inf)
+        torch.ops.resfast.count_steps_(listed, found_inf)
+    assert torch.equal(torch.stack(held), torch.stack(listed))
+    assert held[0].item() == 3.0
+    lr = torch.tensor(3e-3, device="cuda")
+    assert torch.equal(
+        counters.adam_coef(lr, 0.0, 0.9, 0.999, 1e-8, 0.1, 2),
+        torch.ops.resfast.adam_coef(listed, lr, 0.0, 0.9, 0.999, 1e-8, 0.1, 2),
+    )
+    assert torch.equal(
+        counters.adagrad_coef(None, 0.1, 0.05, 0.1, 1e-10),
+        torch.ops.resfast.adagrad_coef(listed, None, 0.1, 0.05, 0.1, 1e-10),
+    )
