@@ -53,6 +53,7 @@ C10_HOST_DEVICE inline bool items_span_channels(const Plan& p) { return p.channe
 // Elements an item aims for: its passes over them stay in L1/L2 (64 KiB of fp32), and there are
 // enough items to spread over the cores at ResNet sizes.
 constexpr int64_t kItemElements = 16384;
+constexpr int64_t kMinItems = 4;
 
 C10_HOST_DEVICE inline Plan make_plan(int64_t N, int64_t C, int64_t S, bool channels_last) {
   Plan p{N, C, S, N * S, channels_last, 0, 0, 0};
@@ -60,7 +61,10 @@ C10_HOST_DEVICE inline Plan make_plan(int64_t N, int64_t C, int64_t S, bool chan
     p.chunk = C >= kItemElements ? 1 : kItemElements / C;
   } else if (C * S > 0 && C * S <= kItemElements) {
     p.sample_major = true;
-    p.chunk = kItemElements / (C * S) * S;
+    // Whole samples per item, at most kItemElements values, and few enough for kMinItems items where
+    // the batch allows (a small layer is then spread over the threads instead of one item on one).
+    const int64_t fit = kItemElements / (C * S), spread = (N + kMinItems - 1) / kMinItems;
+    p.chunk = (fit < spread ? fit : spread) * S;
   } else {
     p.chunk = kItemElements;
   }

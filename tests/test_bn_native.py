@@ -52,8 +52,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # vector (widths 8 and 16 fp32 values); the fewest values torch accepts in training (2); a 2-D batch
 # of many channels; and shapes of more than one work item per channel (16384 values: csrc/bn_plan.h)
 # with a partial last one, large enough to run on several threads. Channels-first shapes whose sample
-# holds at most 16384 values run sample-major (items of whole samples, every channel): (8, 40, 20, 20)
-# and (5, 3, 64, 64) one sample per item, (37, 16, 8, 8) 16 samples per item and a last item of 5;
+# holds at most 16384 values run sample-major (items of whole samples, every channel, at least 4 items
+# where the batch allows): (8, 40, 20, 20) and (5, 3, 64, 64) one sample per item, (37, 16, 8, 8) 10
+# samples per item and a last item of 7;
 # the larger ones (3, 5, 101, 70), (2, 40, 33, 17) and (2, 32, 160, 160) run one channel per item.
 # Then for the CUDA driver's plan (csrc/bn_cuda_kernels.h): channels-first items of 16K values
 # (spatial size a multiple of 8: 16-byte vectors; two chunks per channel); channels-last tiles of 32
@@ -271,8 +272,13 @@ def test_non_finite_values_in_the_vector_body_and_the_tail(driver, shape, layout
     assert y[:, [0, last]].isnan().all() and not y[:, 1:last].isnan().any()
 
 
-# Both plans with several tasks per pass (csrc/cpu/bn.cpp: tasks of at least 32768 values).
-@pytest.mark.parametrize("shape", [(3, 5, 101, 70), (150, 16, 8, 8)], ids=["channel-items", "sample-major"])
+# Both plans with several tasks per pass (csrc/cpu/bn.cpp: tasks of at least 4096 values), and a
+# small sample-major layer split into 4 items for the threads (csrc/bn_plan.h: kMinItems).
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5, 101, 70), (150, 16, 8, 8), (32, 64, 2, 2)],
+    ids=["channel-items", "sample-major", "small-sample-major"],
+)
 def test_bitwise_reproducible_and_independent_of_threads(shape) -> None:
     """The per-channel merge order is fixed by the shape (csrc/bn_plan.h): one thread or all give
     the same bits."""

@@ -44,10 +44,12 @@ const BnKernels& kernels() {
   return chosen;
 }
 
-// A thread's task holds at least this many elements (torch's own grain, at::internal::GRAIN_SIZE): a
-// smaller one costs more in starting and joining the threads than it saves. A pass of at most this
-// many runs on the calling thread.
-constexpr int64_t kMinTaskElements = 1 << 15;
+// A thread's task holds at least this many elements; a pass of at most this many runs on the calling
+// thread. An eighth of torch's own grain (at::internal::GRAIN_SIZE): with torch's, the small layers of
+// a CIFAR ResNet at batch 32 (8192-32768 values) ran on one thread while eager's BN used them all, and
+// the fused model trained 0.96x as fast as the unfused one on 2 threads; with this grain and the
+// plan's kMinItems, 1.01-1.02x (benchmarks/RESULTS.md).
+constexpr int64_t kMinTaskElements = 1 << 12;
 
 Storage storage_of(const at::Tensor& x) {
   switch (x.scalar_type()) {
