@@ -275,6 +275,16 @@ def test_empty_batch_like_torch(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_no_channels_like_torch(backend: str) -> None:
+    """Regression: zero channels in training divided by zero in the input checks; torch gives an empty
+    output (and an empty grad)."""
+    x = torch.randn(2, 0, 3, 3, requires_grad=True)
+    y = batch_norm_add_relu(x, torch.zeros(2, 0, 3, 3), None, None, training=True, backend=backend)
+    y.sum().backward()
+    assert y.shape == x.shape == x.grad.shape
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_double_backward_is_refused(backend: str) -> None:
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
     (gx,) = torch.autograd.grad(

@@ -11,7 +11,6 @@ importing this module never imports Triton.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -38,7 +37,7 @@ def check_rank(x: Tensor) -> None:
 def _check_per_channel(name: str, t: Tensor | None, x: Tensor) -> None:
     if t is None:
         return
-    if tuple(t.shape) != (x.shape[1],):
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)} but the input of shape {tuple(x.shape)} has "
             f"{x.shape[1]} channels: expected shape ({x.shape[1]},)"
@@ -90,7 +89,7 @@ def check_inputs(
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    if training and math.prod(x.shape) // x.shape[1] == 1 and x.shape[1] > 0:
+    if training and x.shape[1] > 0 and x.numel() // x.shape[1] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -98,13 +97,12 @@ def check_inputs(
 
 def select_backend(x: Tensor, backend: str) -> str:
     """The backend that runs x for the requested one (errors say why one cannot)."""
-    return backends.choose(
-        x.device,
-        x.dtype,
-        backends.validate(backend),
-        implemented=backends.implementing("batch_norm_add_relu"),
-        op="batch_norm_add_relu",
-    )
+    if backend != "auto":  # (for `auto`, choose reads RESFAST_BACKEND and refuses a bad value itself)
+        backends.validate(backend)
+    return backends.choose(x.device, x.dtype, backend, implemented=_BN_IMPLEMENTED, op="batch_norm_add_relu")
+
+
+_BN_IMPLEMENTED = backends.implementing("batch_norm_add_relu")
 
 
 def kernels(backend: str) -> ModuleType:
