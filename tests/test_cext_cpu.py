@@ -245,3 +245,47 @@ def test_prepared_update_refuses_to_load_a_stale_or_unfit_call(change: str) -> N
     assert not update.load(_UNFIT[change](params))
     with pytest.raises(RuntimeError, match="none loaded"):
         update.run(None, coef, None, None)
+
+
+def _watched_state() -> tuple[list[torch.Tensor], dict, list, list, list]:
+    """Two params' optimizer state as torch keeps it (param -> {key: tensor}), and the (dict, key,
+    tensor) columns a kept call watches."""
+    params = [torch.zeros(2), torch.zeros(3)]
+    state = {p: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p)} for p in params}
+    dicts = [state[p] for p in params for _ in range(2)]
+    keys = ["step", "exp_avg"] * 2
+    tensors = [state[p][k] for p in params for k in ("step", "exp_avg")]
+    return params, state, dicts, keys, tensors
+
+
+# Each change makes the watched state stale: the step cache must plan again.
+_STALE_STATE = {
+    "a state tensor assigned": lambda s, ps: s[ps[0]].__setitem__("exp_avg", torch.zeros(2)),
+    "a counter assigned": lambda s, ps: s[ps[1]].__setitem__("step", torch.tensor(1.0)),
+    "a key deleted": lambda s, ps: s[ps[1]].pop("exp_avg"),
+    "a param's dict replaced": lambda s, ps: s.__setitem__(ps[0], dict(s[ps[0]])),
+    "a param's state dropped": lambda s, ps: s.pop(ps[1]),
+    "another param's state added": lambda s, ps: s.__setitem__(torch.zeros(1), {}),
+    "the dicts reordered": lambda s, ps: s.__setitem__(ps[0], s.pop(ps[0])),
+}
+
+
+@pytest.mark.parametrize("change", _STALE_STATE)
+def test_prepared_update_holds_only_the_state_it_watched(change: str) -> None:
+    """holds is PreparedUpdate's form of the step cache's identity checks over the optimizer state:
+    true while the same per-param dicts (in order) hold the same tensor objects, false after each
+    change that replaces, drops, adds or reorders one."""
+    params, state, dicts, keys, tensors = _watched_state()
+    update = ext.PreparedUpdate("sgd", params, [[]])
+    update.watch(list(state.values()), dicts, keys, tensors)
+    assert update.holds(state)
+    state[params[0]]["exp_avg"].add_(1)  # changed in place: the same tensor, still held
+    assert update.holds(state)
+    _STALE_STATE[change](state, params)
+    assert not update.holds(state)
+
+
+def test_prepared_update_watch_refuses_columns_of_different_lengths() -> None:
+    params, state, dicts, keys, tensors = _watched_state()
+    with pytest.raises(RuntimeError, match="one length"):
+        ext.PreparedUpdate("sgd", params, [[]]).watch(list(state.values()), dicts, keys[:-1], tensors)

@@ -9,7 +9,8 @@ group's last step and, at the next one, reuses them with the new grads after che
 - the same params have grads, in the same order (identities);
 - the group's options still select the same state tensors, and its ``capturable`` flag is unchanged;
 - the optimizer's state is the same dict, with the same per-param dicts, each holding the same state
-  tensors (identity checks, at C speed);
+  tensors (identity checks, at C speed; where one native call updates the whole group,
+  ``resfast._C.PreparedUpdate.holds`` makes them in C++);
 - one native check per call: each param still has the address it had (``p.data = ...``,
   ``model.to(dtype)`` or a move give it another), every grad is strided, and every grad of a fast
   call has its param's dtype, device, shape and strides. Where one native call updates the whole
@@ -101,6 +102,14 @@ class StepCache:
         capturable = bool(group.get("capturable"))
         if entry.keys != keys or entry.capturable != capturable or entry.state != id(state):
             return None
+        if entry.native is not None:
+            # The native update checks the state (as below, in C++) and the group's params, and reads
+            # the grads itself.
+            if not entry.native.holds(state) or not entry.native.load(group["params"]):
+                return None
+            call = entry.calls[0][0]
+            call.grads = None  # the native update runs with the grads it loaded
+            return [call]
         # The same per-param state dicts, each still holding the same tensors (the user may assign a
         # new state tensor, or a new dict): identity checks at C speed, no per-tensor Python code.
         values = list(state.values())
@@ -108,12 +117,6 @@ class StepCache:
             return None
         if not all(map(operator.is_, map(dict.get, entry.dicts, entry.keys_used), entry.tensors)):
             return None
-        if entry.native is not None:
-            call = entry.calls[0][0]
-            if not entry.native.load(group["params"]):
-                return None
-            call.grads = None  # the native update runs with the grads it loaded
-            return [call]
         params = group["params"]
         grads = list(map(_GRAD, params))  # one pass over the params, at C speed
         if all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -166,16 +169,20 @@ class StepCache:
         native = None
         if len(calls) == 1 and len(calls[0].owners) == len(group["params"]):
             native = calls[0].kept.get("native")  # resfast.kernels.cext.launch's, once it has run
+        dicts, keys_used, tensors = [d for d, _, _ in used], [k for _, k, _ in used], [t for _, _, t in used]
+        state_values = list(state.values())
+        if native is not None:
+            native.watch(state_values, dicts, keys_used, tensors)
         self._entries[id(group)] = _Entry(
             group=group,
             ids=tuple(map(id, with_grad)),
             keys=keys,
             capturable=bool(group.get("capturable")),
             state=id(state),
-            state_values=list(state.values()),
-            dicts=[d for d, _, _ in used],
-            keys_used=[key for _, key, _ in used],
-            tensors=[t for _, _, t in used],
+            state_values=state_values,
+            dicts=dicts,
+            keys_used=keys_used,
+            tensors=tensors,
             calls=[
                 (call, [position[id(p)] for p in call.owners], [p.data_ptr() for p in call.params])
                 for call in calls
