@@ -83,6 +83,19 @@ def _prepared_on_host(ops: _OpsOnHost) -> type:
             self.loaded = grads if fits else None
             return fits
 
+        def watch(self, state_values: list, dicts: list, keys: list, tensors: list) -> None:
+            self.watched = (state_values, dicts, keys, tensors)
+
+        def holds(self, state: dict) -> bool:
+            # The native rule: the same per-param dicts in order, each holding the same tensor objects.
+            state_values, dicts, keys, tensors = self.watched
+            values = list(state.values())
+            return (
+                len(values) == len(state_values)
+                and all(a is b for a, b in zip(values, state_values, strict=True))
+                and all(d.get(k) is t for d, k, t in zip(dicts, keys, tensors, strict=True))
+            )
+
         def unload(self) -> None:
             self.loaded = None
 
