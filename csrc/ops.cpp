@@ -215,8 +215,8 @@ std::tuple<bool, std::optional<at::Tensor>> grads_norm(const pybind11::list& par
 }  // namespace
 
 // A kept kernel call's step counters, held on the C++ side: counting them and building the coefficient
-// tables that depend on them (Adam's, Adagrad's) then converts no tensor list from Python (~0.1 us per
-// counter per op, where the op's own work over 161 counters takes ~2 us on the CPU). The same ops
+// tables that depend on them (Adam's, Adagrad's) then converts no tensor list from Python (measured over
+// 161 counters on the CPU: count_steps_ 8.3 -> 5.1 us, adam_coef 18.5 -> 13.9 us). The same ops
 // through the dispatcher: same checks and kernels as torch.ops.resfast.count_steps_/<op>_coef. The
 // step cache reuses a call only while its state holds these same counters.
 class StepCounters {

@@ -95,14 +95,14 @@ def check_inputs(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
 
 
+_BN_IMPLEMENTED = backends.implementing("batch_norm_add_relu")
+
+
 def select_backend(x: Tensor, backend: str) -> str:
     """The backend that runs x for the requested one (errors say why one cannot)."""
     if backend != "auto":  # (for `auto`, choose reads RESFAST_BACKEND and refuses a bad value itself)
         backends.validate(backend)
     return backends.choose(x.device, x.dtype, backend, implemented=_BN_IMPLEMENTED, op="batch_norm_add_relu")
-
-
-_BN_IMPLEMENTED = backends.implementing("batch_norm_add_relu")
 
 
 def kernels(backend: str) -> ModuleType:

@@ -401,7 +401,6 @@ class FusedStep:
         any_grad, norm = _grads_norm(self.param_groups)
         if norm is None and any_grad:
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            any_grad = bool(grads)
             if any(type(g) not in PLAIN_TENSOR_TYPES and _is_dtensor(g) for g in grads):
                 # A sharded grad's norm needs its shards' collective reduction: torch's clipping knows
                 # how, the fused update does not.
